@@ -1,0 +1,153 @@
+"""The ``vilbert`` command line.  Thin: parse, call a function, print the result, set the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="ViLBERT: pretrain, fine-tune and run the model lifecycle.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+model_app = typer.Typer(help="Model tools: parity with the original, benchmarks, checkpoint conversion.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+#: Reference vectors made with the original code (a copy of shared/reference/vilbert ships with the tests).
+DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "reference_vilbert"
+
+
+@app.command("run")
+def run_main(
+    steps: Annotated[int, typer.Option(help="Pretraining steps of the demo.")] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The main job on the embedded default (for now: the model demo)."""
+    demo(steps=steps, seed=seed)
+
+
+@model_app.command("demo")
+def demo(
+    steps: Annotated[int, typer.Option(help="Pretraining steps (forward, backward, AdamW) to run.")] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights that are not from MiniLM and the batch.")] = 0,
+) -> None:
+    """Build the demo model from the bundled MiniLM BERT and run a few pretraining steps."""
+    from components.model_demo import run_demo
+
+    run_demo(steps=steps, seed=seed, log=console.print)
+
+
+@model_app.command("parity")
+def parity(
+    reference: Annotated[Path, typer.Option(help="Folder of reference vectors made with the original code.",
+                                            exists=True, file_okay=False)] = DEFAULT_REFERENCE,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (the vectors were made with 1).")] = 1,
+    verbose: Annotated[bool, typer.Option(help="Print every compared tensor, not only the worst per config.")] = False,
+) -> None:
+    """Load the official checkpoints in REFERENCE and compare every output with the original's."""
+    import torch
+
+    from model.parity import check_reference_dir
+
+    torch.set_num_threads(threads)
+    results = check_reference_dir(reference)
+    table = Table(title=f"ViLBERT parity with the original ({reference})")
+    for col in ("config", "dtype", "tensors", "worst tensor", "max |diff|", "max rel diff", "result"):
+        table.add_column(col)
+    for res in results:
+        for dtype in sorted({c.dtype for c in res.comparisons}):
+            comps = [c for c in res.comparisons if c.dtype == dtype]
+            worst = max(comps, key=lambda c: c.max_abs)
+            rows = comps if verbose else [worst]
+            for c in rows:
+                table.add_row(res.config, dtype, str(len(comps)), c.name, f"{c.max_abs:.3e}",
+                              f"{max(x.max_rel for x in comps) if c is worst else c.max_rel:.3e}",
+                              "[green]ok[/]" if all(x.ok for x in comps) else "[red]MISMATCH[/]")
+        for err in res.errors:
+            console.print(f"[red]{res.config}: {err}[/]")
+        bad = [c.name for c in res.comparisons if not c.ok]
+        if bad:
+            console.print(f"[red]{res.config}: mismatches in {', '.join(bad)}[/]")
+    console.print(table)
+    ok = all(r.ok for r in results)
+    console.print("[green]parity: all outputs match[/]" if ok else "[red]parity: FAILED[/]")
+    raise typer.Exit(0 if ok else 1)
+
+
+@model_app.command("convert")
+def convert(
+    weights: Annotated[Path, typer.Argument(help="Official checkpoint (.bin/.pth/.safetensors).", exists=True)],
+    config: Annotated[Path, typer.Argument(help="Its official config JSON (e.g. bert_base_6layer_6conect.json).",
+                                           exists=True)],
+    output: Annotated[Path, typer.Argument(help="Native checkpoint directory to write.")],
+    kind: Annotated[str, typer.Option(help="'pretraining' or 'tasks' (the VL-tasks model).")] = "pretraining",
+    tokenizer: Annotated[Path | None, typer.Option(help="Folder with the tokenizer to bundle "
+                                                         "(default: the bundled bert-base-uncased vocab).")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on any missing/unexpected key.")] = True,
+) -> None:
+    """Convert an official ViLBERT checkpoint into a native checkpoint directory."""
+    from model.checkpoint import load_official, save_checkpoint
+    from model.convert import CheckpointMismatch
+    from model.tokenizer import load_tokenizer
+
+    try:
+        model, report = load_official(weights, config, kind=kind, strict=strict)
+    except CheckpointMismatch as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(report.summary())
+    save_checkpoint(model, output, tokenizer=load_tokenizer(tokenizer))
+    console.print(f"wrote {output}")
+
+
+@model_app.command("export-official")
+def export_official(
+    checkpoint: Annotated[Path, typer.Argument(help="Native checkpoint directory.", exists=True, file_okay=False)],
+    output: Annotated[Path, typer.Argument(help="Output folder: pytorch_model.bin + official config.json.")],
+) -> None:
+    """Write a native checkpoint in the original code's key format (loadable by the reference, strict)."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.convert import export_official_state_dict
+
+    model = load_checkpoint(checkpoint)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.save(export_official_state_dict(model), output / "pytorch_model.bin")
+    (output / "config.json").write_text(json.dumps(model.config.to_official(), indent=2) + "\n")
+    console.print(f"wrote {output / 'pytorch_model.bin'} and {output / 'config.json'}")
+
+
+@model_app.command("presets")
+def presets() -> None:
+    """List the model presets with their sizes."""
+    import torch
+
+    from model import ViLBertForPretraining
+    from model.checkpoint import count_parameters
+    from model.config import PRESETS, preset
+
+    table = Table(title="model presets")
+    for col in ("preset", "text", "vision", "co-attention", "parameters"):
+        table.add_column(col)
+    for name in PRESETS:
+        cfg = preset(name)
+        t, v, c = cfg.text, cfg.vision, cfg.coattention
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            n = count_parameters(ViLBertForPretraining(cfg))
+        table.add_row(name, f"{t.num_layers}L x {t.hidden_size}", f"{v.num_layers}L x {v.hidden_size}",
+                      f"{c.num_blocks} x {c.hidden_size}", f"{n / 1e6:.1f}M")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

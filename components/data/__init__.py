@@ -1,0 +1,1 @@
+"""Datasets, masking and collation for pretraining and fine-tuning."""

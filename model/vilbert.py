@@ -1,0 +1,157 @@
+"""The ViLBERT trunk: two embedded streams, the two-stream encoder and one pooler per stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import ViLBertConfig
+from .embeddings import TextEmbeddings, VisionEmbeddings
+from .layers import EncoderOutput, TwoStreamEncoder, additive_mask
+
+
+class InputError(ValueError):
+    """A model input has the wrong shape, dtype or values."""
+
+
+@dataclass
+class ViLBertInputs:
+    """One batch for the trunk.  Masks use 1 = real, 0 = padding."""
+
+    input_ids: Tensor
+    """(B, T) int64 WordPiece ids; [CLS] first."""
+    features: Tensor
+    """(B, R, D) float region features; region 0 is the whole-image token."""
+    boxes: Tensor
+    """(B, R, 5) float [x1, y1, x2, y2, area], normalised to [0, 1]."""
+    token_type_ids: Tensor | None = None
+    """(B, T) segment ids, default zeros."""
+    attention_mask: Tensor | None = None
+    """(B, T) text padding mask, default ones."""
+    region_mask: Tensor | None = None
+    """(B, R) region padding mask, default ones."""
+
+
+@dataclass
+class ViLBertOutput:
+    """Trunk outputs."""
+
+    text: Tensor
+    """(B, T, Ht) final text states."""
+    vision: Tensor
+    """(B, R, Hv) final region states."""
+    pooled_text: Tensor
+    """(B, C) ReLU(dense(text[:, 0])), the [CLS] summary."""
+    pooled_vision: Tensor
+    """(B, C) ReLU(dense(vision[:, 0])), the whole-image token summary."""
+    text_embeddings: Tensor
+    """(B, T, Ht) embedding layer output."""
+    vision_embeddings: Tensor
+    """(B, R, Hv) embedding layer output."""
+    encoder: EncoderOutput
+    """Per-block states and attention maps, when requested."""
+
+
+class Pooler(nn.Module):
+    """First token -> dense -> ReLU (the reference uses ReLU here, not BERT's tanh)."""
+
+    def __init__(self, hidden: int, out: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, out)
+
+    def forward(self, states: Tensor) -> Tensor:
+        return torch.relu(self.dense(states[:, 0]))
+
+
+def fuse(pooled_text: Tensor, pooled_vision: Tensor, method: str) -> Tensor:
+    """Combine the two pooled vectors (B, C): element-wise product (``mul``) or sum (``sum``)."""
+    return pooled_text * pooled_vision if method == "mul" else pooled_text + pooled_vision
+
+
+class ViLBertModel(nn.Module):
+    """Two-stream BERT over words and image regions, connected only by co-attention blocks."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.config = config
+        self.text_embeddings = TextEmbeddings(config.text, config.layer_norm_eps)
+        self.vision_embeddings = VisionEmbeddings(config.vision, config.layer_norm_eps, config.text.dropout)
+        self.encoder = TwoStreamEncoder(config)
+        self.text_pooler = Pooler(config.text.hidden_size, config.coattention.hidden_size)
+        self.vision_pooler = Pooler(config.vision.hidden_size, config.coattention.hidden_size)
+        self.check_inputs = True
+        """Validate every batch (shapes, ranges, finiteness); turn off in tight loops after the first batches."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        features: Tensor,
+        boxes: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        region_mask: Tensor | None = None,
+        output_block_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ViLBertOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if region_mask is None:
+            region_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
+        if self.check_inputs:
+            validate_inputs(self.config, input_ids, features, boxes, token_type_ids, attention_mask, region_mask)
+        dtype = self.text_embeddings.word.weight.dtype
+        text = self.text_embeddings(input_ids, token_type_ids)  # (B, T, Ht)
+        vision = self.vision_embeddings(features.to(dtype), boxes.to(dtype))  # (B, R, Hv)
+        enc = self.encoder(text, additive_mask(attention_mask, text.dtype), vision,
+                           additive_mask(region_mask, vision.dtype), output_block_states, output_attentions)
+        return ViLBertOutput(enc.text, enc.vision, self.text_pooler(enc.text), self.vision_pooler(enc.vision),
+                             text, vision, enc)
+
+
+def validate_inputs(config: ViLBertConfig, input_ids: Tensor, features: Tensor, boxes: Tensor,
+                    token_type_ids: Tensor, attention_mask: Tensor, region_mask: Tensor) -> None:
+    """Raise :class:`InputError` naming the first problem found in a batch."""
+    t, v = config.text, config.vision
+    if input_ids.ndim != 2:
+        raise InputError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    b, n_tok = input_ids.shape
+    if n_tok > t.max_position_embeddings:
+        raise InputError(f"text length {n_tok} exceeds max_position_embeddings {t.max_position_embeddings}")
+    if features.ndim != 3:
+        raise InputError(f"features must be (batch, regions, feature_size), got shape {tuple(features.shape)}")
+    if features.shape[-1] != v.feature_size:
+        raise InputError(f"feature dimension {features.shape[-1]} does not match the model's "
+                         f"vision.feature_size {v.feature_size}")
+    if features.shape[0] != b:
+        raise InputError(f"batch size mismatch: input_ids has {b} rows, features has {features.shape[0]}")
+    n_reg = features.shape[1]
+    if n_reg < 1:
+        raise InputError("features must hold at least one region (region 0, the whole-image token)")
+    if tuple(boxes.shape) != (b, n_reg, v.location_size):
+        raise InputError(f"boxes must have shape {(b, n_reg, v.location_size)} to match features, "
+                         f"got {tuple(boxes.shape)}")
+    for name, mask, shape in (("token_type_ids", token_type_ids, (b, n_tok)),
+                              ("attention_mask", attention_mask, (b, n_tok)),
+                              ("region_mask", region_mask, (b, n_reg))):
+        if tuple(mask.shape) != shape:
+            raise InputError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+    if bool((input_ids < 0).any()) or bool((input_ids >= t.vocab_size).any()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= t.vocab_size)]
+        raise InputError(f"token ids outside the vocabulary [0, {t.vocab_size}): {bad[:5].tolist()}")
+    if bool((token_type_ids < 0).any()) or bool((token_type_ids >= t.type_vocab_size).any()):
+        raise InputError(f"token_type_ids must lie in [0, {t.type_vocab_size})")
+    if not bool(torch.isfinite(features).all()):
+        raise InputError("features contain NaN or infinite values")
+    if not bool(torch.isfinite(boxes).all()):
+        raise InputError("boxes contain NaN or infinite values")
+    real = region_mask.bool()
+    if bool(((boxes < 0) | (boxes > 1)).any(-1)[real].any()):
+        raise InputError("boxes must be normalised to [0, 1] ([x1/W, y1/H, x2/W, y2/H, area fraction])")
+    if not bool(attention_mask[:, 0].bool().all()) or not bool(region_mask[:, 0].bool().all()):
+        raise InputError("the first token ([CLS]) and region 0 (whole image) must not be padding")

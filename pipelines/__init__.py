@@ -1,0 +1,1 @@
+"""Orchestration of the components: the Kubeflow pipeline (and, through dvc.yaml, DVC)."""
