@@ -11,10 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="ViLBERT: pretrain, fine-tune and run the model lifecycle.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
-model_app = typer.Typer(help="Model tools: parity with the original, benchmarks, checkpoint conversion.",
-                        no_args_is_help=True)
+app = typer.Typer(
+    help="ViLBERT: pretrain, fine-tune and run the model lifecycle.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+model_app = typer.Typer(
+    help="Model tools: parity with the original, benchmarks, checkpoint conversion.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -44,8 +48,10 @@ def demo(
 
 @model_app.command("parity")
 def parity(
-    reference: Annotated[Path, typer.Option(help="Folder of reference vectors made with the original code.",
-                                            exists=True, file_okay=False)] = DEFAULT_REFERENCE,
+    reference: Annotated[
+        Path,
+        typer.Option(help="Folder of reference vectors made with the original code.", exists=True, file_okay=False),
+    ] = DEFAULT_REFERENCE,
     threads: Annotated[int, typer.Option(help="torch CPU threads (the vectors were made with 1).")] = 1,
     verbose: Annotated[bool, typer.Option(help="Print every compared tensor, not only the worst per config.")] = False,
 ) -> None:
@@ -65,9 +71,15 @@ def parity(
             worst = max(comps, key=lambda c: c.max_abs)
             rows = comps if verbose else [worst]
             for c in rows:
-                table.add_row(res.config, dtype, str(len(comps)), c.name, f"{c.max_abs:.3e}",
-                              f"{max(x.max_rel for x in comps) if c is worst else c.max_rel:.3e}",
-                              "[green]ok[/]" if all(x.ok for x in comps) else "[red]MISMATCH[/]")
+                table.add_row(
+                    res.config,
+                    dtype,
+                    str(len(comps)),
+                    c.name,
+                    f"{c.max_abs:.3e}",
+                    f"{max(x.max_rel for x in comps) if c is worst else c.max_rel:.3e}",
+                    "[green]ok[/]" if all(x.ok for x in comps) else "[red]MISMATCH[/]",
+                )
         for err in res.errors:
             console.print(f"[red]{res.config}: {err}[/]")
         bad = [c.name for c in res.comparisons if not c.ok]
@@ -82,12 +94,15 @@ def parity(
 @model_app.command("convert")
 def convert(
     weights: Annotated[Path, typer.Argument(help="Official checkpoint (.bin/.pth/.safetensors).", exists=True)],
-    config: Annotated[Path, typer.Argument(help="Its official config JSON (e.g. bert_base_6layer_6conect.json).",
-                                           exists=True)],
+    config: Annotated[
+        Path, typer.Argument(help="Its official config JSON (e.g. bert_base_6layer_6conect.json).", exists=True)
+    ],
     output: Annotated[Path, typer.Argument(help="Native checkpoint directory to write.")],
     kind: Annotated[str, typer.Option(help="'pretraining' or 'tasks' (the VL-tasks model).")] = "pretraining",
-    tokenizer: Annotated[Path | None, typer.Option(help="Folder with the tokenizer to bundle "
-                                                         "(default: the bundled bert-base-uncased vocab).")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="Folder with the tokenizer to bundle (default: the bundled bert-base-uncased vocab)."),
+    ] = None,
     strict: Annotated[bool, typer.Option(help="Fail on any missing/unexpected key.")] = True,
 ) -> None:
     """Convert an official ViLBERT checkpoint into a native checkpoint directory."""
@@ -140,8 +155,13 @@ def presets() -> None:
         t, v, c = cfg.text, cfg.vision, cfg.coattention
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             n = count_parameters(ViLBertForPretraining(cfg))
-        table.add_row(name, f"{t.num_layers}L x {t.hidden_size}", f"{v.num_layers}L x {v.hidden_size}",
-                      f"{c.num_blocks} x {c.hidden_size}", f"{n / 1e6:.1f}M")
+        table.add_row(
+            name,
+            f"{t.num_layers}L x {t.hidden_size}",
+            f"{v.num_layers}L x {v.hidden_size}",
+            f"{c.num_blocks} x {c.hidden_size}",
+            f"{n / 1e6:.1f}M",
+        )
     console.print(table)
 
 

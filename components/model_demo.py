@@ -38,25 +38,32 @@ def synthetic_batch(tokenizer, config, captions=CAPTIONS, regions: int = 10, max
     alignment = torch.tensor([i % 2 for i in range(b)])
     texts = [captions[(i + 1) % b] if alignment[i] else captions[i] for i in range(b)]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    special = torch.tensor([tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
-                            for ids in enc["input_ids"].tolist()]).bool()
+    special = torch.tensor(
+        [tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True) for ids in enc["input_ids"].tolist()]
+    ).bool()
     maskable = enc["attention_mask"].bool() & ~special
-    input_ids, lm_labels = mask_tokens(enc["input_ids"], maskable, tokenizer.mask_token_id,
-                                       config.text.vocab_size, g)
+    input_ids, lm_labels = mask_tokens(enc["input_ids"], maskable, tokenizer.mask_token_id, config.text.vocab_size, g)
     d, c = config.vision.feature_size, config.vision.target_size
     features = torch.rand(b, regions, d, generator=g) * 2
     xy = torch.rand(b, regions, 2, generator=g) * 0.6
     wh = torch.rand(b, regions, 2, generator=g) * 0.35 + 0.05
     boxes = torch.cat([xy, xy + wh, (wh[..., :1] * wh[..., 1:])], -1)
     mask = torch.ones(b, regions, dtype=torch.long)
-    mask[-1, regions // 2:] = 0  # one image with fewer detected boxes
+    mask[-1, regions // 2 :] = 0  # one image with fewer detected boxes
     features, boxes, mask = with_image_token(features, boxes, mask)
     targets = torch.softmax(torch.randn(b, regions + 1, c, generator=g) * 2, -1)
     features, region_labels = mask_regions(features, mask, g, probability=0.3)
     return {
-        "input_ids": input_ids, "token_type_ids": enc["token_type_ids"], "attention_mask": enc["attention_mask"],
-        "features": features, "boxes": boxes, "region_mask": mask, "masked_lm_labels": lm_labels,
-        "region_labels": region_labels, "region_targets": targets, "alignment_labels": alignment,
+        "input_ids": input_ids,
+        "token_type_ids": enc["token_type_ids"],
+        "attention_mask": enc["attention_mask"],
+        "features": features,
+        "boxes": boxes,
+        "region_mask": mask,
+        "masked_lm_labels": lm_labels,
+        "region_labels": region_labels,
+        "region_targets": targets,
+        "alignment_labels": alignment,
     }
 
 
@@ -66,12 +73,16 @@ def run_demo(steps: int = 3, seed: int = 0, log=print) -> DemoResult:
     model = ViLBertForPretraining(config)
     report = load_bert_text_stream(model, minilm_dir())
     tokenizer = load_tokenizer(minilm_dir())
-    log(f"demo model: {count_parameters(model) / 1e6:.1f}M parameters; text stream from MiniLM-L6 "
-        f"({len(report.loaded)} tensors loaded, ignored: {', '.join(report.ignored) or 'none'})")
+    log(
+        f"demo model: {count_parameters(model) / 1e6:.1f}M parameters; text stream from MiniLM-L6 "
+        f"({len(report.loaded)} tensors loaded, ignored: {', '.join(report.ignored) or 'none'})"
+    )
     batch = synthetic_batch(tokenizer, config, seed=seed)
-    log(f"batch: {batch['input_ids'].shape[0]} captions x {batch['input_ids'].shape[1]} tokens, "
+    log(
+        f"batch: {batch['input_ids'].shape[0]} captions x {batch['input_ids'].shape[1]} tokens, "
         f"{batch['features'].shape[1]} regions; {int((batch['masked_lm_labels'] >= 0).sum())} masked words, "
-        f"{int((batch['region_labels'] == 1).sum())} masked regions")
+        f"{int((batch['region_labels'] == 1).sum())} masked regions"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     history = []
@@ -80,9 +91,14 @@ def run_demo(steps: int = 3, seed: int = 0, log=print) -> DemoResult:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"masked_lm": out.masked_lm_loss.item(), "masked_region": out.masked_region_loss.item(),
-               "alignment": out.alignment_loss.item()}
+        row = {
+            "masked_lm": out.masked_lm_loss.item(),
+            "masked_region": out.masked_region_loss.item(),
+            "alignment": out.alignment_loss.item(),
+        }
         history.append(row)
-        log(f"step {step}: masked_lm {row['masked_lm']:.4f}  masked_region {row['masked_region']:.4f}  "
-            f"alignment {row['alignment']:.4f}")
+        log(
+            f"step {step}: masked_lm {row['masked_lm']:.4f}  masked_region {row['masked_region']:.4f}  "
+            f"alignment {row['alignment']:.4f}"
+        )
     return DemoResult(count_parameters(model), len(report.loaded), history)

@@ -9,7 +9,17 @@ from .heads import PretrainingOutput, TaskOutput, ViLBertForPretraining, ViLBert
 from .vilbert import InputError, ViLBertModel, ViLBertOutput
 
 __all__ = [
-    "CoAttentionConfig", "ConfigError", "InputError", "PretrainingOutput", "TaskOutput", "TextConfig",
-    "ViLBertConfig", "ViLBertForPretraining", "ViLBertForTasks", "ViLBertModel", "ViLBertOutput",
-    "VisionConfig", "preset",
+    "CoAttentionConfig",
+    "ConfigError",
+    "InputError",
+    "PretrainingOutput",
+    "TaskOutput",
+    "TextConfig",
+    "ViLBertConfig",
+    "ViLBertForPretraining",
+    "ViLBertForTasks",
+    "ViLBertModel",
+    "ViLBertOutput",
+    "VisionConfig",
+    "preset",
 ]

@@ -68,21 +68,31 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(model: ViLBertModule, folder: str | Path, tokenizer=None,
-                    feature_spec: Mapping[str, Any] | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+def save_checkpoint(
+    model: ViLBertModule,
+    folder: str | Path,
+    tokenizer=None,
+    feature_spec: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write a native checkpoint directory (files replaced atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT, "kind": "tasks" if isinstance(model, ViLBertForTasks) else "pretraining",
-              "model": model.config.to_dict()}
+    header = {
+        "format": FORMAT,
+        "kind": "tasks" if isinstance(model, ViLBertForTasks) else "pretraining",
+        "model": model.config.to_dict(),
+    }
     if isinstance(model, ViLBertForTasks):
         header["num_answers"] = model.answer.out.bias.shape[0]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=dict(metadata or {})))
     _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(header, indent=2) + "\n"))
     if feature_spec is not None:
-        _atomic_write(folder / FEATURE_SPEC_FILE,
-                      lambda tmp: Path(tmp).write_text(json.dumps(dict(feature_spec), indent=2) + "\n"))
+        _atomic_write(
+            folder / FEATURE_SPEC_FILE,
+            lambda tmp: Path(tmp).write_text(json.dumps(dict(feature_spec), indent=2) + "\n"),
+        )
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder)
     return folder
@@ -94,13 +104,16 @@ def read_header(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} is not a checkpoint directory: {CONFIG_FILE} is missing")
     header = json.loads(path.read_text())
     if header.get("format") != FORMAT:
-        raise CheckpointMismatch(f"{path} is not a native ViLBERT checkpoint (format {header.get('format')!r}, "
-                                 f"expected {FORMAT!r}); official checkpoints load with load_official()")
+        raise CheckpointMismatch(
+            f"{path} is not a native ViLBERT checkpoint (format {header.get('format')!r}, "
+            f"expected {FORMAT!r}); official checkpoints load with load_official()"
+        )
     return header
 
 
-def load_checkpoint(folder: str | Path, kind: str | None = None, num_answers: int | None = None,
-                    strict: bool = True) -> ViLBertModule:
+def load_checkpoint(
+    folder: str | Path, kind: str | None = None, num_answers: int | None = None, strict: bool = True
+) -> ViLBertModule:
     """Load a native checkpoint.  ``kind`` converts between model classes: a pretraining checkpoint
     loads into a ``"tasks"`` model (with ``num_answers``), whose task heads then start fresh."""
     header = read_header(folder)
@@ -118,7 +131,7 @@ def load_checkpoint(folder: str | Path, kind: str | None = None, num_answers: in
     state = load_file(str(Path(folder) / WEIGHTS_FILE))
     if header["kind"] != kind:  # pretraining heads live under another name in the tasks model
         old, new = ("heads.", "pretraining.") if kind == "tasks" else ("pretraining.", "heads.")
-        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+        state = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state.items()}
         own = set(model.state_dict())
         state = {k: v for k, v in state.items() if k in own}
         strict = False
@@ -133,8 +146,13 @@ def read_feature_spec(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def load_official(weights: str | Path, config: str | Path | ViLBertConfig, kind: str = "pretraining",
-                  num_answers: int | None = None, strict: bool = True) -> tuple[ViLBertModule, LoadReport]:
+def load_official(
+    weights: str | Path,
+    config: str | Path | ViLBertConfig,
+    kind: str = "pretraining",
+    num_answers: int | None = None,
+    strict: bool = True,
+) -> tuple[ViLBertModule, LoadReport]:
     """Build a model from an official ViLBERT checkpoint file and its config JSON.
 
     ``kind="tasks"`` builds the transfer model; ``num_answers`` defaults to the checkpoint's VQA head size.
@@ -156,11 +174,20 @@ def load_official(weights: str | Path, config: str | Path | ViLBertConfig, kind:
 
 # ---- text stream from a BERT checkpoint ------------------------------------------------------------
 _BERT_CONFIG_CHECKS = {  # BERT config.json field -> (our text config field)
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
 }
-_BERT_IGNORED = ("bert.pooler.", "cls.seq_relationship.", "bert.embeddings.position_ids", "cls.predictions.decoder.bias")
+_BERT_IGNORED = (
+    "bert.pooler.",
+    "cls.seq_relationship.",
+    "bert.embeddings.position_ids",
+    "cls.predictions.decoder.bias",
+)
 
 
 def _bert_weights_file(folder: Path) -> Path:
@@ -176,9 +203,11 @@ def check_bert_config(folder: str | Path, config: ViLBertConfig) -> None:
     if not path.exists():
         raise FileNotFoundError(f"no config.json in BERT folder {folder}")
     bert = json.loads(path.read_text())
-    diffs = [f"{theirs}={bert[theirs]} vs text.{ours}={getattr(config.text, ours)}"
-             for theirs, ours in _BERT_CONFIG_CHECKS.items()
-             if theirs in bert and bert[theirs] != getattr(config.text, ours)]
+    diffs = [
+        f"{theirs}={bert[theirs]} vs text.{ours}={getattr(config.text, ours)}"
+        for theirs, ours in _BERT_CONFIG_CHECKS.items()
+        if theirs in bert and bert[theirs] != getattr(config.text, ours)
+    ]
     if diffs:
         raise CheckpointMismatch(f"BERT checkpoint {folder} does not fit the text stream: " + "; ".join(diffs))
 

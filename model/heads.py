@@ -149,8 +149,9 @@ class ViLBertForPretraining(nn.Module):
             result.region_logits = self.heads.region(out.vision)
         if masked_lm_labels is not None:
             if masked_lm_labels.shape != input_ids.shape:
-                raise InputError(f"masked_lm_labels must have shape {tuple(input_ids.shape)}, "
-                                 f"got {tuple(masked_lm_labels.shape)}")
+                raise InputError(
+                    f"masked_lm_labels must have shape {tuple(input_ids.shape)}, got {tuple(masked_lm_labels.shape)}"
+                )
             where = masked_lm_labels >= 0
             result.masked_lm_loss = losses.masked_lm_loss(self.heads.language(out.text[where]), masked_lm_labels[where])
         if region_labels is not None:
@@ -163,8 +164,10 @@ class ViLBertForPretraining(nn.Module):
         if targets is None:
             raise InputError("region_labels were given without region_targets")
         if labels.shape != out.vision.shape[:2] or targets.shape[:2] != out.vision.shape[:2]:
-            raise InputError(f"region_labels {tuple(labels.shape)} and region_targets {tuple(targets.shape)} "
-                             f"must be aligned with the {out.vision.shape[1]} input regions")
+            raise InputError(
+                f"region_labels {tuple(labels.shape)} and region_targets {tuple(targets.shape)} "
+                f"must be aligned with the {out.vision.shape[1]} input regions"
+            )
         where = labels == 1
         logits = self.heads.region(out.vision[where])  # (N, C) at masked regions only
         count = where.sum()

@@ -30,8 +30,9 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_OFFSET
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, num_heads: int, dropout: float,
-           return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+def attend(
+    query: Tensor, key: Tensor, value: Tensor, bias: Tensor, num_heads: int, dropout: float, return_probs: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention of ``query`` (B, Lq, C) over ``key``/``value`` (B, Lk, C).
 
     ``bias`` is the (B, 1, 1, Lk) additive mask.  Returns the context (B, Lq, C) and, when asked, the
@@ -82,8 +83,9 @@ class FeedForward(nn.Module):
 class TransformerLayer(nn.Module):
     """One self-attention layer (TRM) of either stream."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, act: str, dropout: float,
-                 attention_dropout: float, eps: float):
+    def __init__(
+        self, hidden: int, heads: int, intermediate: int, act: str, dropout: float, attention_dropout: float, eps: float
+    ):
         super().__init__()
         self.num_heads = heads
         self.attention_dropout = attention_dropout
@@ -118,8 +120,9 @@ class CoAttentionLayer(nn.Module):
         self.text_ffn = FeedForward(t.hidden_size, t.intermediate_size, t.hidden_act, t.dropout, eps)
         self.vision_ffn = FeedForward(v.hidden_size, v.intermediate_size, v.hidden_act, v.dropout, eps)
 
-    def forward(self, text: Tensor, text_bias: Tensor, vision: Tensor, vision_bias: Tensor,
-                return_probs: bool = False) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
+    def forward(
+        self, text: Tensor, text_bias: Tensor, vision: Tensor, vision_bias: Tensor, return_probs: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
         vk, vv = self.vision_key_value(vision).chunk(2, dim=-1)  # 2 x (B, R, C)
         tk, tv = self.text_key_value(text).chunk(2, dim=-1)  # 2 x (B, T, C)
         pt = self.text_attention_dropout if self.training else 0.0
@@ -154,13 +157,18 @@ class TwoStreamEncoder(nn.Module):
         t, v, eps = config.text, config.vision, config.layer_norm_eps
         self.config = config
         self.text_layers = nn.ModuleList(
-            TransformerLayer(t.hidden_size, t.num_heads, t.intermediate_size, t.hidden_act, t.dropout,
-                             t.attention_dropout, eps) for _ in range(t.num_layers))
+            TransformerLayer(
+                t.hidden_size, t.num_heads, t.intermediate_size, t.hidden_act, t.dropout, t.attention_dropout, eps
+            )
+            for _ in range(t.num_layers)
+        )
         self.vision_layers = nn.ModuleList(
-            TransformerLayer(v.hidden_size, v.num_heads, v.intermediate_size, v.hidden_act, v.dropout,
-                             v.attention_dropout, eps) for _ in range(v.num_layers))
-        self.coattention_layers = nn.ModuleList(
-            CoAttentionLayer(config) for _ in range(config.coattention.num_blocks))
+            TransformerLayer(
+                v.hidden_size, v.num_heads, v.intermediate_size, v.hidden_act, v.dropout, v.attention_dropout, eps
+            )
+            for _ in range(v.num_layers)
+        )
+        self.coattention_layers = nn.ModuleList(CoAttentionLayer(config) for _ in range(config.coattention.num_blocks))
 
     @staticmethod
     def _run(layers: nn.ModuleList, start: int, stop: int, frozen: int, x: Tensor, bias: Tensor) -> Tensor:
@@ -169,14 +177,23 @@ class TwoStreamEncoder(nn.Module):
                 x, _ = layers[i](x, bias)
         return x
 
-    def forward(self, text: Tensor, text_bias: Tensor, vision: Tensor, vision_bias: Tensor,
-                output_block_states: bool = False, output_attentions: bool = False) -> EncoderOutput:
+    def forward(
+        self,
+        text: Tensor,
+        text_bias: Tensor,
+        vision: Tensor,
+        vision_bias: Tensor,
+        output_block_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
         co: CoAttentionConfig = self.config.coattention
         t_frozen, v_frozen = self.config.text.frozen_layers, self.config.vision.frozen_layers
         blocks: list[tuple[Tensor, Tensor]] = []
         probs: list[tuple[Tensor, Tensor]] = []
         t_at = v_at = 0
-        for block, t_stop, v_stop in zip(self.coattention_layers, co.text_layers_before, co.vision_layers_before):
+        for block, t_stop, v_stop in zip(
+            self.coattention_layers, co.text_layers_before, co.vision_layers_before, strict=True
+        ):
             vision = self._run(self.vision_layers, v_at, v_stop, v_frozen, vision, vision_bias)
             text = self._run(self.text_layers, t_at, t_stop, t_frozen, text, text_bias)
             if co.enabled:
@@ -186,5 +203,6 @@ class TwoStreamEncoder(nn.Module):
             t_at, v_at = t_stop, v_stop
         vision = self._run(self.vision_layers, v_at, len(self.vision_layers), v_frozen, vision, vision_bias)
         text = self._run(self.text_layers, t_at, len(self.text_layers), t_frozen, text, text_bias)
-        return EncoderOutput(text, vision, blocks if output_block_states else None,
-                             probs if output_attentions else None)
+        return EncoderOutput(
+            text, vision, blocks if output_block_states else None, probs if output_attentions else None
+        )

@@ -60,8 +60,10 @@ def find_configs(reference_dir: str | Path) -> list[str]:
     names = []
     for cfg in sorted(root.glob("*_config.json")):
         name = cfg.name[: -len("_config.json")]
-        needed = [f"{name}_{part}.safetensors" for part in
-                  ("pretraining_state_dict", "vltasks_state_dict", "inputs", "outputs")]
+        needed = [
+            f"{name}_{part}.safetensors"
+            for part in ("pretraining_state_dict", "vltasks_state_dict", "inputs", "outputs")
+        ]
         if all((root / n).exists() for n in needed):
             names.append(name)
     return names
@@ -69,9 +71,12 @@ def find_configs(reference_dir: str | Path) -> list[str]:
 
 def _model_inputs(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     return {
-        "input_ids": inputs["input_ids"], "features": inputs["image_feat"].to(dtype),
-        "boxes": inputs["image_loc"].to(dtype), "token_type_ids": inputs["token_type_ids"],
-        "attention_mask": inputs["attention_mask"], "region_mask": inputs["image_attention_mask"],
+        "input_ids": inputs["input_ids"],
+        "features": inputs["image_feat"].to(dtype),
+        "boxes": inputs["image_loc"].to(dtype),
+        "token_type_ids": inputs["token_type_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "region_mask": inputs["image_attention_mask"],
     }
 
 
@@ -159,13 +164,18 @@ def round_trip_errors(name: str, root: Path) -> list[str]:
     errors = []
     for part in ("pretraining", "vltasks"):
         state = load_file(str(root / f"{name}_{part}_state_dict.safetensors"))
-        model = (ViLBertForPretraining(config) if part == "pretraining"
-                 else ViLBertForTasks(config, num_answers=state["vil_prediction.main.3.bias"].shape[0]))
+        model = (
+            ViLBertForPretraining(config)
+            if part == "pretraining"
+            else ViLBertForTasks(config, num_answers=state["vil_prediction.main.3.bias"].shape[0])
+        )
         report = load_official_state_dict(model, state)
         exported = export_official_state_dict(model, report.unused)
         if set(exported) != set(state):
-            errors.append(f"{part} round trip: keys differ: only exported {sorted(set(exported) - set(state))[:5]}, "
-                          f"only original {sorted(set(state) - set(exported))[:5]}")
+            errors.append(
+                f"{part} round trip: keys differ: only exported {sorted(set(exported) - set(state))[:5]}, "
+                f"only original {sorted(set(state) - set(exported))[:5]}"
+            )
             continue
         changed = [k for k in state if not torch.equal(exported[k], state[k])]
         if changed:
@@ -176,6 +186,7 @@ def round_trip_errors(name: str, root: Path) -> list[str]:
 def check_reference_dir(reference_dir: str | Path) -> list[ConfigParity]:
     names = find_configs(reference_dir)
     if not names:
-        raise FileNotFoundError(f"no complete reference configs (X_config.json + state dicts, inputs, outputs) "
-                                f"in {reference_dir}")
+        raise FileNotFoundError(
+            f"no complete reference configs (X_config.json + state dicts, inputs, outputs) in {reference_dir}"
+        )
     return [check_config(name, reference_dir) for name in names]

@@ -106,14 +106,28 @@ class ViLBertModel(nn.Module):
         dtype = self.text_embeddings.word.weight.dtype
         text = self.text_embeddings(input_ids, token_type_ids)  # (B, T, Ht)
         vision = self.vision_embeddings(features.to(dtype), boxes.to(dtype))  # (B, R, Hv)
-        enc = self.encoder(text, additive_mask(attention_mask, text.dtype), vision,
-                           additive_mask(region_mask, vision.dtype), output_block_states, output_attentions)
-        return ViLBertOutput(enc.text, enc.vision, self.text_pooler(enc.text), self.vision_pooler(enc.vision),
-                             text, vision, enc)
+        enc = self.encoder(
+            text,
+            additive_mask(attention_mask, text.dtype),
+            vision,
+            additive_mask(region_mask, vision.dtype),
+            output_block_states,
+            output_attentions,
+        )
+        return ViLBertOutput(
+            enc.text, enc.vision, self.text_pooler(enc.text), self.vision_pooler(enc.vision), text, vision, enc
+        )
 
 
-def validate_inputs(config: ViLBertConfig, input_ids: Tensor, features: Tensor, boxes: Tensor,
-                    token_type_ids: Tensor, attention_mask: Tensor, region_mask: Tensor) -> None:
+def validate_inputs(
+    config: ViLBertConfig,
+    input_ids: Tensor,
+    features: Tensor,
+    boxes: Tensor,
+    token_type_ids: Tensor,
+    attention_mask: Tensor,
+    region_mask: Tensor,
+) -> None:
     """Raise :class:`InputError` naming the first problem found in a batch."""
     t, v = config.text, config.vision
     if input_ids.ndim != 2:
@@ -126,19 +140,23 @@ def validate_inputs(config: ViLBertConfig, input_ids: Tensor, features: Tensor, 
     if features.ndim != 3:
         raise InputError(f"features must be (batch, regions, feature_size), got shape {tuple(features.shape)}")
     if features.shape[-1] != v.feature_size:
-        raise InputError(f"feature dimension {features.shape[-1]} does not match the model's "
-                         f"vision.feature_size {v.feature_size}")
+        raise InputError(
+            f"feature dimension {features.shape[-1]} does not match the model's vision.feature_size {v.feature_size}"
+        )
     if features.shape[0] != b:
         raise InputError(f"batch size mismatch: input_ids has {b} rows, features has {features.shape[0]}")
     n_reg = features.shape[1]
     if n_reg < 1:
         raise InputError("features must hold at least one region (region 0, the whole-image token)")
     if tuple(boxes.shape) != (b, n_reg, v.location_size):
-        raise InputError(f"boxes must have shape {(b, n_reg, v.location_size)} to match features, "
-                         f"got {tuple(boxes.shape)}")
-    for name, mask, shape in (("token_type_ids", token_type_ids, (b, n_tok)),
-                              ("attention_mask", attention_mask, (b, n_tok)),
-                              ("region_mask", region_mask, (b, n_reg))):
+        raise InputError(
+            f"boxes must have shape {(b, n_reg, v.location_size)} to match features, got {tuple(boxes.shape)}"
+        )
+    for name, mask, shape in (
+        ("token_type_ids", token_type_ids, (b, n_tok)),
+        ("attention_mask", attention_mask, (b, n_tok)),
+        ("region_mask", region_mask, (b, n_reg)),
+    ):
         if tuple(mask.shape) != shape:
             raise InputError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
     if bool((input_ids < 0).any()) or bool((input_ids >= t.vocab_size).any()):

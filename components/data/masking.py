@@ -14,8 +14,14 @@ from torch import Tensor
 IGNORE = -1
 
 
-def mask_tokens(input_ids: Tensor, maskable: Tensor, mask_token_id: int, vocab_size: int,
-                generator: torch.Generator, probability: float = 0.15) -> tuple[Tensor, Tensor]:
+def mask_tokens(
+    input_ids: Tensor,
+    maskable: Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> tuple[Tensor, Tensor]:
     """Return (masked input ids, labels).  ``maskable`` (B, T) bool: real tokens that are not [CLS]/[SEP]."""
     chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & maskable
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
@@ -27,8 +33,13 @@ def mask_tokens(input_ids: Tensor, maskable: Tensor, mask_token_id: int, vocab_s
     return masked, labels
 
 
-def mask_regions(features: Tensor, region_mask: Tensor, generator: torch.Generator,
-                 probability: float = 0.15, zero_probability: float = 0.9) -> tuple[Tensor, Tensor]:
+def mask_regions(
+    features: Tensor,
+    region_mask: Tensor,
+    generator: torch.Generator,
+    probability: float = 0.15,
+    zero_probability: float = 0.9,
+) -> tuple[Tensor, Tensor]:
     """Return (features with masked regions zeroed, labels (B, R): 1 = masked and supervised, else -1).
 
     Region 0 (whole image) and padding are never masked."""
@@ -37,6 +48,7 @@ def mask_regions(features: Tensor, region_mask: Tensor, generator: torch.Generat
     chosen = (torch.rand(region_mask.shape, generator=generator) < probability) & maskable
     zero = chosen & (torch.rand(region_mask.shape, generator=generator) < zero_probability)
     out = features.masked_fill(zero[..., None], 0.0)
-    labels = torch.where(chosen, torch.ones_like(region_mask, dtype=torch.long),
-                         torch.full_like(region_mask, IGNORE, dtype=torch.long))
+    labels = torch.where(
+        chosen, torch.ones_like(region_mask, dtype=torch.long), torch.full_like(region_mask, IGNORE, dtype=torch.long)
+    )
     return out, labels

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models, a small valid batch, the reference vectors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path(os.environ.get("VILBERT_REFERENCE_DIR", ROOT / "tests" / "data" / "reference_vilbert"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    assert (REFERENCE_DIR / "README.txt").exists(), f"reference vectors missing at {REFERENCE_DIR}"
+    return REFERENCE_DIR
+
+
+def make_batch(config, batch: int = 3, tokens: int = 9, regions: int = 6, seed: int = 0) -> dict:
+    """A valid trunk batch for ``config`` with padding in the last rows."""
+    g = torch.Generator().manual_seed(seed)
+    t, v = config.text, config.vision
+    input_ids = torch.randint(5, t.vocab_size, (batch, tokens), generator=g)
+    input_ids[:, 0] = 1
+    attention_mask = torch.ones(batch, tokens, dtype=torch.long)
+    region_mask = torch.ones(batch, regions, dtype=torch.long)
+    if batch > 1:
+        attention_mask[-1, tokens - 3 :] = 0
+        input_ids[-1, tokens - 3 :] = 0
+        region_mask[-1, regions - 2 :] = 0
+    xy = torch.rand(batch, regions, 2, generator=g) * 0.5
+    wh = torch.rand(batch, regions, 2, generator=g) * 0.4 + 0.05
+    boxes = torch.cat([xy, xy + wh, wh[..., :1] * wh[..., 1:]], -1)
+    boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    return {
+        "input_ids": input_ids,
+        "features": torch.rand(batch, regions, v.feature_size, generator=g) * 2,
+        "boxes": boxes,
+        "token_type_ids": torch.zeros(batch, tokens, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "region_mask": region_mask,
+    }
+
+
+def make_labels(config, batch_inputs: dict, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = batch_inputs["input_ids"]
+    b, r = batch_inputs["region_mask"].shape
+    lm = torch.full_like(ids, -1)
+    lm[:, 2] = torch.randint(5, config.text.vocab_size, (b,), generator=g)
+    region_labels = torch.full((b, r), -1, dtype=torch.long)
+    region_labels[:, 1] = 1
+    targets = torch.softmax(torch.randn(b, r, config.vision.target_size, generator=g), -1)
+    return {
+        "masked_lm_labels": lm,
+        "region_labels": region_labels,
+        "region_targets": targets,
+        "alignment_labels": torch.tensor([i % 2 for i in range(b)]),
+    }
