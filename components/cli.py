@@ -91,6 +91,55 @@ def parity(
     raise typer.Exit(0 if ok else 1)
 
 
+@model_app.command("bench")
+def bench(
+    preset: Annotated[str, typer.Option(help="Model preset: paper-base, demo or tiny.")] = "demo",
+    batch_size: Annotated[int, typer.Option(help="Examples per training step.")] = 8,
+    text_len: Annotated[int, typer.Option(help="Tokens per caption (padded).")] = 36,
+    regions: Annotated[int, typer.Option(help="Regions per image, the whole-image token included.")] = 37,
+    steps: Annotated[int, typer.Option(help="Timed training steps.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Alternate runs per implementation; the best is kept.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    reference_src: Annotated[
+        Path | None,
+        typer.Option(help="Checkout of jiasenlu/vilbert_beta: also time the original, same weights and batch."),
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the full result as JSON here.")] = None,
+) -> None:
+    """Training throughput (samples/s) and peak memory, optionally against the original implementation."""
+    from model.bench import benchmark
+
+    result = benchmark(
+        preset,
+        batch_size,
+        text_len,
+        regions,
+        steps,
+        warmup,
+        threads,
+        str(reference_src) if reference_src else None,
+        device=device,
+        repeats=repeats,
+    )
+    table = Table(
+        title=f"training step, {preset}, batch {batch_size}, text {text_len}, regions {regions}, "
+        f"{result['threads']} threads, {device}"
+    )
+    for col in ("implementation", "samples/s", "step ms", "peak RSS MB"):
+        table.add_column(col)
+    for kind in ("ours", "reference"):
+        r = result.get(kind)
+        if r:
+            table.add_row(kind, f"{r['samples_per_s']:.2f}", f"{r['step_ms']:.0f}", f"{r['peak_rss_mb']:.0f}")
+    console.print(table)
+    if result.get("ratios"):
+        console.print("ours / original: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["ratios"].items()))
+    if output:
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @model_app.command("convert")
 def convert(
     weights: Annotated[Path, typer.Argument(help="Official checkpoint (.bin/.pth/.safetensors).", exists=True)],

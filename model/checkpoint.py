@@ -27,15 +27,13 @@ from torch import Tensor, nn
 
 from .config import ViLBertConfig
 from .convert import CheckpointMismatch, LoadReport, load_official_state_dict
-from .heads import ViLBertForPretraining, ViLBertForTasks
+from .heads import ViLBertForPretraining, ViLBertForTasks, ViLBertModule
 from .tokenizer import save_tokenizer
 
 FORMAT = "vilbert-native/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FEATURE_SPEC_FILE = "feature_spec.json"
-
-ViLBertModule = ViLBertForPretraining | ViLBertForTasks
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

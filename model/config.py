@@ -274,7 +274,11 @@ class ViLBertConfig:
         are accepted and ignored.  Options that change the data flow in ways this model does not
         implement (``fast_mode``, ``in_batch_pairs``) are refused rather than silently dropped.
         """
-        get = {**OFFICIAL_DEFAULTS, **data}.get
+        merged: dict[str, Any] = {**OFFICIAL_DEFAULTS, **data}
+
+        def get(key: str) -> Any:
+            return merged[key]
+
         for flag in ("fast_mode", "in_batch_pairs"):
             _require(not get(flag), f"official config sets {flag}=true, which this implementation does not support")
         visual_target = get("visual_target")

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .config import ViLBertConfig
+
+if TYPE_CHECKING:
+    from .heads import ViLBertModule
 
 #: (native name suffix, [official name suffixes concatenated along dim 0]) for one TRM layer.
 _TRM = [
@@ -87,7 +91,7 @@ def _module_pairs(config: ViLBertConfig, heads_prefix: str, task_heads: bool) ->
     return pairs
 
 
-def official_key_map(model: nn.Module) -> dict[str, list[str]]:
+def official_key_map(model: ViLBertModule) -> dict[str, list[str]]:
     """native parameter name -> the official keys it is made of (concatenated along dim 0)."""
     from .heads import ViLBertForTasks
 
@@ -178,7 +182,7 @@ class LoadReport:
 
 
 def load_official_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], strict: bool = True, only_prefixes: tuple[str, ...] | None = None
+    model: ViLBertModule, state: Mapping[str, Tensor], strict: bool = True, only_prefixes: tuple[str, ...] | None = None
 ) -> LoadReport:
     """Copy an official state dict into ``model`` (a :class:`ViLBertForPretraining` or
     :class:`ViLBertForTasks`).  With ``strict`` any missing / unexpected key or shape mismatch raises
@@ -231,7 +235,7 @@ def load_official_state_dict(
     return report
 
 
-def export_official_state_dict(model: nn.Module, unused: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+def export_official_state_dict(model: ViLBertModule, unused: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The model's parameters under official key names, loadable by the reference code (strict).
 
     The parameters the reference never reads (``q_dense1/2``) come from ``unused`` (what the loader kept)

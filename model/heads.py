@@ -183,9 +183,9 @@ class AnswerHead(nn.Module):
 
     def __init__(self, in_size: int, num_answers: int, dropout: float = 0.5):
         super().__init__()
-        self.hidden = weight_norm(nn.Linear(in_size, 2 * in_size), dim=None)
+        self.hidden = weight_norm(nn.Linear(in_size, 2 * in_size), dim=None)  # type: ignore[arg-type]
         self.dropout = nn.Dropout(dropout)
-        self.out = weight_norm(nn.Linear(2 * in_size, num_answers), dim=None)
+        self.out = weight_norm(nn.Linear(2 * in_size, num_answers), dim=None)  # type: ignore[arg-type]
 
     def forward(self, fused: Tensor) -> Tensor:
         return self.out(self.dropout(torch.relu(self.hidden(fused))))  # (B, A)
@@ -273,7 +273,7 @@ class ViLBertForTasks(nn.Module):
         return result
 
 
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: ViLBertForPretraining | ViLBertForTasks) -> None:
     """Reference initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms.
 
     Weight-normalised layers keep PyTorch's default direction with g = ||v|| (the reference's
@@ -287,3 +287,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+#: Either complete model.
+ViLBertModule = ViLBertForPretraining | ViLBertForTasks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -25,7 +25,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     folder = Path(path) if path is not None else minilm_dir()
     if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt")):
         raise FileNotFoundError(f"no tokenizer (tokenizer.json or vocab.txt) in {folder}")
-    return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
