@@ -30,6 +30,46 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_OFFSET
 
 
+@dataclass
+class StreamMask:
+    """The padding of one stream: its additive attention bias and, when padded positions are skipped,
+    where the real positions are.
+
+    Skipping padding ("unpadding") runs every per-position layer (projections, feed-forwards, LayerNorms)
+    on the N real positions only, as a packed (N, F) tensor, and pads only for attention.  Real positions
+    get exactly the same values (padded keys have zero attention weight either way); padded positions are
+    simply not computed.  With ``index`` None the stream stays padded (B, L, F) everywhere.
+    """
+
+    bias: Tensor
+    """(B, 1, 1, L) additive attention bias (0 = real, -10000 = padding)."""
+    shape: tuple[int, int]
+    """(B, L) of the padded layout."""
+    index: Tensor | None = None
+    """(N,) flat indices of the real positions in B*L, or None when nothing is skipped."""
+
+    @classmethod
+    def build(cls, mask: Tensor, dtype: torch.dtype, skip_padding: bool) -> StreamMask:
+        index = None
+        if skip_padding and not bool(mask.bool().all()):
+            index = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(additive_mask(mask, dtype), (mask.shape[0], mask.shape[1]), index)
+
+    def to_padded(self, x: Tensor) -> Tensor:
+        """(N, F) packed -> (B, L, F), zeros at padded positions (identity when not packed)."""
+        if self.index is None:
+            return x
+        b, length = self.shape
+        out = x.new_zeros(b * length, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(b, length, x.shape[-1])
+
+    def to_packed(self, x: Tensor) -> Tensor:
+        """(B, L, F) -> (N, F) real positions only (identity when not packed)."""
+        if self.index is None:
+            return x
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+
 def attend(
     query: Tensor, key: Tensor, value: Tensor, bias: Tensor, num_heads: int, dropout: float, return_probs: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -93,11 +133,12 @@ class TransformerLayer(nn.Module):
         self.attention_out = AddNorm(hidden, hidden, dropout, eps)
         self.ffn = FeedForward(hidden, intermediate, act, dropout, eps)
 
-    def forward(self, x: Tensor, bias: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, L, H)
+    def forward(self, x: Tensor, mask: StreamMask, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``x`` (B, L, H), or (N, H) packed when ``mask`` skips padding."""
+        q, k, v = mask.to_padded(self.qkv(x)).chunk(3, dim=-1)  # 3 x (B, L, H)
         p = self.attention_dropout if self.training else 0.0
-        ctx, probs = attend(q, k, v, bias, self.num_heads, p, return_probs)
-        return self.ffn(self.attention_out(ctx, x)), probs
+        ctx, probs = attend(q, k, v, mask.bias, self.num_heads, p, return_probs)
+        return self.ffn(self.attention_out(mask.to_packed(ctx), x)), probs
 
 
 class CoAttentionLayer(nn.Module):
@@ -121,17 +162,20 @@ class CoAttentionLayer(nn.Module):
         self.vision_ffn = FeedForward(v.hidden_size, v.intermediate_size, v.hidden_act, v.dropout, eps)
 
     def forward(
-        self, text: Tensor, text_bias: Tensor, vision: Tensor, vision_bias: Tensor, return_probs: bool = False
+        self, text: Tensor, text_mask: StreamMask, vision: Tensor, vision_mask: StreamMask, return_probs: bool = False
     ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
-        vk, vv = self.vision_key_value(vision).chunk(2, dim=-1)  # 2 x (B, R, C)
-        tk, tv = self.text_key_value(text).chunk(2, dim=-1)  # 2 x (B, T, C)
+        """``text`` (B, T, Ht) and ``vision`` (B, R, Hv), or packed (N, H) where their masks skip padding."""
+        vk, vv = vision_mask.to_padded(self.vision_key_value(vision)).chunk(2, dim=-1)  # 2 x (B, R, C)
+        tk, tv = text_mask.to_padded(self.text_key_value(text)).chunk(2, dim=-1)  # 2 x (B, T, C)
+        tq = text_mask.to_padded(self.text_query(text))  # (B, T, C)
+        vq = vision_mask.to_padded(self.vision_query(vision))  # (B, R, C)
         pt = self.text_attention_dropout if self.training else 0.0
         pv = self.vision_attention_dropout if self.training else 0.0
         # Text queries see the regions (image padding mask); visual queries see the words (text mask).
-        text_ctx, t2v = attend(self.text_query(text), vk, vv, vision_bias, self.num_heads, pt, return_probs)
-        vision_ctx, v2t = attend(self.vision_query(vision), tk, tv, text_bias, self.num_heads, pv, return_probs)
-        text = self.text_ffn(self.text_attention_out(text_ctx, text))  # (B, T, Ht)
-        vision = self.vision_ffn(self.vision_attention_out(vision_ctx, vision))  # (B, R, Hv)
+        text_ctx, t2v = attend(tq, vk, vv, vision_mask.bias, self.num_heads, pt, return_probs)
+        vision_ctx, v2t = attend(vq, tk, tv, text_mask.bias, self.num_heads, pv, return_probs)
+        text = self.text_ffn(self.text_attention_out(text_mask.to_packed(text_ctx), text))  # (B, T, Ht)
+        vision = self.vision_ffn(self.vision_attention_out(vision_mask.to_packed(vision_ctx), vision))  # (B, R, Hv)
         return text, vision, (t2v, v2t)
 
 
@@ -171,21 +215,23 @@ class TwoStreamEncoder(nn.Module):
         self.coattention_layers = nn.ModuleList(CoAttentionLayer(config) for _ in range(config.coattention.num_blocks))
 
     @staticmethod
-    def _run(layers: nn.ModuleList, start: int, stop: int, frozen: int, x: Tensor, bias: Tensor) -> Tensor:
+    def _run(layers: nn.ModuleList, start: int, stop: int, frozen: int, x: Tensor, mask: StreamMask) -> Tensor:
         for i in range(start, stop):
             with torch.no_grad() if i < frozen else contextlib.nullcontext():
-                x, _ = layers[i](x, bias)
+                x, _ = layers[i](x, mask)
         return x
 
     def forward(
         self,
         text: Tensor,
-        text_bias: Tensor,
+        text_mask: StreamMask,
         vision: Tensor,
-        vision_bias: Tensor,
+        vision_mask: StreamMask,
         output_block_states: bool = False,
         output_attentions: bool = False,
     ) -> EncoderOutput:
+        """Streams come in and go out padded (B, L, H); inside, they are packed where the masks say so."""
+        text, vision = text_mask.to_packed(text), vision_mask.to_packed(vision)
         co: CoAttentionConfig = self.config.coattention
         t_frozen, v_frozen = self.config.text.frozen_layers, self.config.vision.frozen_layers
         blocks: list[tuple[Tensor, Tensor]] = []
@@ -194,15 +240,19 @@ class TwoStreamEncoder(nn.Module):
         for block, t_stop, v_stop in zip(
             self.coattention_layers, co.text_layers_before, co.vision_layers_before, strict=True
         ):
-            vision = self._run(self.vision_layers, v_at, v_stop, v_frozen, vision, vision_bias)
-            text = self._run(self.text_layers, t_at, t_stop, t_frozen, text, text_bias)
+            vision = self._run(self.vision_layers, v_at, v_stop, v_frozen, vision, vision_mask)
+            text = self._run(self.text_layers, t_at, t_stop, t_frozen, text, text_mask)
             if co.enabled:
-                text, vision, block_probs = block(text, text_bias, vision, vision_bias, output_attentions)
+                text, vision, block_probs = block(text, text_mask, vision, vision_mask, output_attentions)
                 probs.append(block_probs)
-            blocks.append((text, vision))
+            if output_block_states:
+                blocks.append((text_mask.to_padded(text), vision_mask.to_padded(vision)))
             t_at, v_at = t_stop, v_stop
-        vision = self._run(self.vision_layers, v_at, len(self.vision_layers), v_frozen, vision, vision_bias)
-        text = self._run(self.text_layers, t_at, len(self.text_layers), t_frozen, text, text_bias)
+        vision = self._run(self.vision_layers, v_at, len(self.vision_layers), v_frozen, vision, vision_mask)
+        text = self._run(self.text_layers, t_at, len(self.text_layers), t_frozen, text, text_mask)
         return EncoderOutput(
-            text, vision, blocks if output_block_states else None, probs if output_attentions else None
+            text_mask.to_padded(text),
+            vision_mask.to_padded(vision),
+            blocks if output_block_states else None,
+            probs if output_attentions else None,
         )

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .config import ViLBertConfig
 from .embeddings import TextEmbeddings, VisionEmbeddings
-from .layers import EncoderOutput, TwoStreamEncoder, additive_mask
+from .layers import EncoderOutput, StreamMask, TwoStreamEncoder
 
 
 class InputError(ValueError):
@@ -83,6 +83,10 @@ class ViLBertModel(nn.Module):
         self.vision_pooler = Pooler(config.vision.hidden_size, config.coattention.hidden_size)
         self.check_inputs = True
         """Validate every batch (shapes, ranges, finiteness); turn off in tight loops after the first batches."""
+        self.skip_padding = "train"
+        """When per-position layers skip padded tokens and regions: "train" (training mode only), "always" or
+        "never".  Real positions get the same values either way; skipped (padded) positions come out as zeros
+        instead of the values the original computes there and never uses."""
 
     def forward(
         self,
@@ -106,11 +110,14 @@ class ViLBertModel(nn.Module):
         dtype = self.text_embeddings.word.weight.dtype
         text = self.text_embeddings(input_ids, token_type_ids)  # (B, T, Ht)
         vision = self.vision_embeddings(features.to(dtype), boxes.to(dtype))  # (B, R, Hv)
+        if self.skip_padding not in ("train", "always", "never"):
+            raise ValueError(f"skip_padding must be 'train', 'always' or 'never', got {self.skip_padding!r}")
+        skip = self.skip_padding == "always" or (self.skip_padding == "train" and self.training)
         enc = self.encoder(
             text,
-            additive_mask(attention_mask, text.dtype),
+            StreamMask.build(attention_mask, text.dtype, skip),
             vision,
-            additive_mask(region_mask, vision.dtype),
+            StreamMask.build(region_mask, vision.dtype, skip),
             output_block_states,
             output_attentions,
         )

@@ -17,6 +17,7 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.convert import CheckpointMismatch, export_official_state_dict
+from model.layers import StreamMask
 from model.parity import find_configs
 from model.tokenizer import load_tokenizer, minilm_dir
 from tests.conftest import REFERENCE_DIR, make_batch
@@ -105,9 +106,9 @@ def test_minilm_initialises_every_text_weight_and_matches_bert():
     with torch.no_grad():
         expected = bert(**enc).last_hidden_state
         ours = model.vilbert.text_embeddings(enc["input_ids"], enc["token_type_ids"])
-        bias = (1.0 - enc["attention_mask"][:, None, None, :].float()) * -10000.0
+        mask = StreamMask.build(enc["attention_mask"], torch.float32, skip_padding=False)
         for layer in model.vilbert.encoder.text_layers:
-            ours, _ = layer(ours, bias)
+            ours, _ = layer(ours, mask)
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=1e-4)
 

@@ -184,3 +184,35 @@ def test_bad_labels_raise_a_clear_error(pretraining):
     labels["region_targets"] = labels["region_targets"][:, 1:]
     with pytest.raises(InputError, match="aligned with the 6 input regions"):
         pretraining(**x, **labels)
+
+
+def test_skipping_padding_changes_nothing_at_real_positions_nor_the_gradients():
+    torch.manual_seed(0)
+    model = ViLBertForPretraining(CFG).eval()  # eval: no dropout, so both paths see the same computation
+    x = make_batch(CFG, batch=3, tokens=9, regions=6)
+    labels = make_labels(CFG, x)
+    results = {}
+    for mode in ("never", "always"):
+        model.vilbert.skip_padding = mode
+        model.zero_grad()
+        out = model(**x, **labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        trunk = model.vilbert(**x, output_block_states=True)
+        results[mode] = (out, grads, trunk)
+    (a, ga, ta), (b, gb, tb) = results["never"], results["always"]
+    for name in ("masked_lm_loss", "masked_region_loss", "alignment_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-4, msg=n)
+    real_t, real_v = x["attention_mask"].bool(), x["region_mask"].bool()
+    torch.testing.assert_close(ta.text[real_t], tb.text[real_t], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ta.vision[real_v], tb.vision[real_v], atol=1e-6, rtol=1e-5)
+    for (at, av), (bt, bv) in zip(ta.encoder.block_states, tb.encoder.block_states, strict=True):
+        torch.testing.assert_close(at[real_t], bt[real_t], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(av[real_v], bv[real_v], atol=1e-6, rtol=1e-5)
+    assert float(tb.text[~real_t].abs().max()) == 0.0  # skipped positions are not computed
+    model.vilbert.skip_padding = "sometimes"
+    with pytest.raises(ValueError, match="skip_padding"):
+        model(**x)
