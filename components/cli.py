@@ -214,6 +214,13 @@ def presets() -> None:
     console.print(table)
 
 
+# --- step commands (one registration line per step module) ---
+from components.commands.validate import validate_command  # noqa: E402
+app.command("validate")(validate_command)
+from components.commands.ingest import ingest_command  # noqa: E402
+app.command("ingest")(ingest_command)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
