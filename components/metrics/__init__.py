@@ -1,0 +1,39 @@
+"""The benchmarks' official metrics (pure functions on plain Python / numpy / torch inputs) and the pictures of
+the evaluate step.
+
+- :mod:`components.metrics.vqa`: VQA accuracy with the official answer normalisation (``vqaEval.py``).
+- :mod:`components.metrics.vcr`: VCR Q->A accuracy.
+- :mod:`components.metrics.grounding`: RefCOCO+ accuracy at IoU >= 0.5 (continuous pixel xyxy IoU).
+- :mod:`components.metrics.retrieval`: R@1/5/10 and median rank, caption->image and image->caption.
+- :mod:`components.metrics.pictures`: PNG pictures (imported on its own: it pulls in matplotlib lazily).
+
+All accuracies and recalls are fractions in [0, 1].
+"""
+
+from components.metrics.grounding import IOU_THRESHOLD, box_iou, grounding_scores, xywh_to_xyxy
+from components.metrics.retrieval import (
+    image_retrieval_ranks,
+    recall_summary,
+    retrieval_scores,
+    text_retrieval_ranks,
+)
+from components.metrics.vcr import vcr_accuracy, vcr_predictions, vcr_scores
+from components.metrics.vqa import normalize_answer, process_punctuation, vqa_accuracy, vqa_scores
+
+__all__ = [
+    "IOU_THRESHOLD",
+    "box_iou",
+    "grounding_scores",
+    "image_retrieval_ranks",
+    "normalize_answer",
+    "process_punctuation",
+    "recall_summary",
+    "retrieval_scores",
+    "text_retrieval_ranks",
+    "vcr_accuracy",
+    "vcr_predictions",
+    "vcr_scores",
+    "vqa_accuracy",
+    "vqa_scores",
+    "xywh_to_xyxy",
+]
