@@ -102,13 +102,16 @@ class FeatureSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def check_model(self, config: ViLBertConfig) -> None:
-        """Raise :class:`FeatureSpecMismatch` unless D and C match ``config.vision``."""
+        """Raise :class:`FeatureSpecMismatch` unless D (and, for the KL region objective, C) match ``config.vision``.
+
+        With ``region_objective="regression"`` the region head predicts the D-dim feature, so the class count
+        of the store does not constrain the model."""
         problems = []
         if self.feature_size != config.vision.feature_size:
             problems.append(
                 f"feature_size {self.feature_size} != model vision.feature_size {config.vision.feature_size}"
             )
-        if self.num_classes != config.vision.target_size:
+        if config.region_objective == "kl" and self.num_classes != config.vision.target_size:
             problems.append(f"num_classes {self.num_classes} != model vision.target_size {config.vision.target_size}")
         if problems:
             raise FeatureSpecMismatch(

@@ -416,3 +416,17 @@ def test_a_failed_write_never_seals_its_shard(tmp_path):
     assert set(store.image_ids()) == sealed  # the open shard's records are dropped, never half-published
     with FeatureStoreWriter(tmp_path, SPEC) as again:  # a resumed writer redoes exactly the dropped ones
         assert all(i in again for i in sealed) and not any(i in again for i in unsealed)
+
+
+def test_regression_objective_does_not_constrain_the_class_count():
+    import dataclasses
+
+    from model.config import preset
+
+    tiny = preset("tiny")
+    vision = dataclasses.replace(tiny.vision, target_size=tiny.vision.feature_size)
+    regression = tiny.replace(vision=vision, region_objective="regression")
+    spec = FeatureSpec("demo", None, tiny.vision.feature_size, 7, 1, 36)
+    spec.check_model(regression)  # C = 7 is irrelevant when regions regress features
+    with pytest.raises(FeatureSpecMismatch, match="num_classes 7"):
+        spec.check_model(tiny)
