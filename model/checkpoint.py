@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from .config import ViLBertConfig
 from .convert import CheckpointMismatch, LoadReport, load_official_state_dict
 from .heads import ViLBertForPretraining, ViLBertForTasks, ViLBertModule
-from .tokenizer import save_tokenizer
 
 FORMAT = "vilbert-native/1"
 CONFIG_FILE = "config.json"
@@ -91,7 +90,9 @@ def save_checkpoint(
             folder / FEATURE_SPEC_FILE,
             lambda tmp: Path(tmp).write_text(json.dumps(dict(feature_spec), indent=2) + "\n"),
         )
-    if tokenizer is not None:
+    if tokenizer is not None:  # the tokenizer's owner is transformers: imported only when needed (slow import)
+        from .tokenizer import save_tokenizer
+
         save_tokenizer(tokenizer, folder)
     return folder
 
