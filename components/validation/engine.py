@@ -236,7 +236,10 @@ class GxValidator:
             sites[self.site] = {
                 "class_name": "SiteBuilder",
                 "show_how_to_buttons": False,
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs_dir)},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(data_docs_dir).resolve()),  # GX refuses relative paths
+                },
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             }
         config = DataContextConfig(
