@@ -216,10 +216,13 @@ def presets() -> None:
 
 # --- step commands (one registration line per step module) ---
 from components.commands.features import features_command  # noqa: E402
+
 app.command("features")(features_command)
 from components.commands.validate import validate_command  # noqa: E402
+
 app.command("validate")(validate_command)
 from components.commands.ingest import ingest_command  # noqa: E402
+
 app.command("ingest")(ingest_command)
 
 
