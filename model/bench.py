@@ -47,7 +47,7 @@ GRAD_RTOL = 1e-3  # per-tensor max |diff| / max |grad|
 QUIET_LOAD = 0.05  # a step is "clean" when other processes used less than this share of the CPUs meanwhile
 MAX_STEP_FACTOR = 8  # run at most warmup + 8 x steps steps to collect `steps` clean ones
 #: torch.optim.AdamW variants (the same one is used for both implementations); torch's CPU default is the loop.
-OPTIMIZERS: dict[str, dict[str, bool]] = {
+OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "adamw-foreach": {"foreach": True},
     "adamw-fused": {"fused": True},
@@ -164,9 +164,11 @@ def load_reference(src: str | Path) -> types.ModuleType:
     def cached_path(*_args: Any, **_kwargs: Any) -> str:
         raise OSError("the benchmark's reference import has no download cache")
 
-    utils.cached_path = cached_path
+    setattr(utils, "cached_path", cached_path)  # noqa: B010 (a module attribute mypy cannot know)
     sys.modules[REFERENCE_PACKAGE], sys.modules[utils.__name__] = package, utils
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     with contextlib.redirect_stdout(sys.stderr):
@@ -212,32 +214,34 @@ def check_parity(
     torch.stack(ours_l).sum().backward()
     torch.stack(ref_l).sum().backward()
     result: dict[str, Any] = {"losses": {}}
-    for name, a, r in zip(LOSS_NAMES, ours_l, ref_l, strict=True):
-        a, r = float(a.detach()), float(r.detach())
+    for name, a_t, r_t in zip(LOSS_NAMES, ours_l, ref_l, strict=True):
+        a, r = float(a_t.detach()), float(r_t.detach())
         result["losses"][name] = {
             "ours": a,
             "reference": r,
             "abs_diff": abs(a - r),
             "rel_diff": abs(a - r) / max(abs(r), 1e-12),
         }
-    result["max_loss_rel_diff"] = max(x["rel_diff"] for x in result["losses"].values())
+    max_loss_rel_diff = max(float(x["rel_diff"]) for x in result["losses"].values())
     ours_params, ref_params = dict(ours.named_parameters()), dict(ref.named_parameters())
-    pairs = []  # (ours, reference) gradient of every official tensor the original trains
+    pairs: list[tuple[Tensor, Tensor]] = []  # (ours, reference) gradients of the tensors the original trains
     for native, officials in official_key_map(ours).items():
         grad = ours_params[native].grad
         if grad is None:  # frozen layers
             continue
         for key, g in zip(officials, grad.chunk(len(officials), 0) if len(officials) > 1 else (grad,), strict=True):
-            if key in ref_params and ref_params[key].grad is not None:
-                pairs.append((g, ref_params[key].grad))
+            r_grad = ref_params[key].grad if key in ref_params else None
+            if r_grad is not None:
+                pairs.append((g, r_grad))
     # Per tensor max|diff| / max|ref|, the denominator floored at 1e-4 of the largest gradient: attention key
     # biases have a zero gradient in theory (softmax is shift-invariant), ~1e-11 of rounding noise in practice.
     scale = max(float(r.abs().max()) for _, r in pairs)
     worst = max(float((g - r).abs().max()) / max(float(r.abs().max()), 1e-4 * scale) for g, r in pairs)
     result.update(
+        max_loss_rel_diff=max_loss_rel_diff,
         grad_tensors_compared=len(pairs),
         max_grad_rel_diff=worst,
-        ok=result["max_loss_rel_diff"] < LOSS_RTOL and worst < GRAD_RTOL,
+        ok=max_loss_rel_diff < LOSS_RTOL and worst < GRAD_RTOL,
     )
     return result
 
@@ -361,6 +365,8 @@ def measure(
     ``malloc`` setting is not (it is meant for the fresh processes of :func:`benchmark`)."""
     if kind not in ("ours", "reference", "parity"):
         raise ValueError(f"unknown measurement {kind!r}")
+    if kind != "ours" and not reference_src:
+        raise ValueError(f"measurement {kind!r} needs reference_src")
     saved_threads = torch.get_num_threads()
     tune_malloc(malloc)
     try:
@@ -370,15 +376,16 @@ def measure(
             config = preset(preset_name)
             batch = synthetic_batch(config, batch_size, text_len, regions, seed)
             if kind == "parity":
-                return check_parity(config, batch, seed, reference_src, weights)
+                return check_parity(config, batch, seed, str(reference_src), weights)
             dev = torch.device(device)
             torch.manual_seed(seed)
+            model: torch.nn.Module
             if kind == "ours":
                 model = ViLBertForPretraining(config)
             elif weights and Path(weights).exists():
-                model = build_reference(config, weights, reference_src)
+                model = build_reference(config, weights, str(reference_src))
             else:
-                model = build_reference(config, ViLBertForPretraining(config), reference_src)
+                model = build_reference(config, ViLBertForPretraining(config), str(reference_src))
             gc.collect()
             torch.manual_seed(seed + 1)  # the same dropout stream for both
             batch = {k: x.to(dev) for k, x in batch.items()}
@@ -432,7 +439,7 @@ def benchmark(
         raise ValueError(
             f"need steps >= 1, warmup >= 0, repeats >= 1, optimizer in {sorted(OPTIMIZERS)}, malloc in {sorted(MALLOC)}"
         )
-    spec = dict(
+    spec: dict[str, Any] = dict(
         preset_name=preset_name,
         batch_size=batch_size,
         text_len=text_len,
