@@ -204,7 +204,8 @@ def _digests(path: Path, part_size: int) -> tuple[str, str, str]:
 def atomic_write_local(path: Path, write: Callable[[Any], None]) -> None:
     """Write through ``write(fileobj)`` into a temporary file next to ``path``, fsync, then rename it into place.
 
-    A crash leaves either the old file or the new one, never a mix; the temporary file is removed on error.
+    A crash leaves either the old file or the new one, never a mix; the temporary file is removed on error, and
+    the folder is fsynced after the rename so the new name survives a power loss.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -217,6 +218,15 @@ def atomic_write_local(path: Path, write: Callable[[Any], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_bytes(uri: str) -> bytes:

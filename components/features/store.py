@@ -24,7 +24,6 @@ import json
 import mmap
 import os
 import re
-import tempfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from components import storage
 
 from .spec import (
     BOX_DTYPE,
@@ -92,27 +93,9 @@ def _align(n: int) -> int:
     return -(-n // RECORD_ALIGN) * RECORD_ALIGN
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    storage.atomic_write_local(path, write)
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
