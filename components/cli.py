@@ -215,6 +215,12 @@ def presets() -> None:
 
 
 # --- step commands (one registration line per step module) ---
+from components.commands.finetune import finetune_command  # noqa: E402
+
+app.command("finetune")(finetune_command)
+from components.commands.pretrain import pretrain_command  # noqa: E402
+
+app.command("pretrain")(pretrain_command)
 from components.commands.features import features_command  # noqa: E402
 
 app.command("features")(features_command)

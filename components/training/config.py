@@ -154,6 +154,8 @@ class TrainResult:
     """Time spent in training steps by this process."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The last ``eval_fn`` result."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last logged training row (loss, its parts, grad norm, lr, ...), averaged over ranks."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -265,7 +265,7 @@ class Trainer:
         samples_per_step = c.batch_size * c.grad_accum * info.world_size
         show = info.is_main and c.progress
         bar = tqdm(total=total, initial=run.step, disable=not show, desc="train", dynamic_ncols=True)
-        first_step, seconds, checkpoint, eval_metrics = run.step, 0.0, None, {}
+        first_step, seconds, checkpoint, eval_metrics, last_row = run.step, 0.0, None, {}, {}
         while run.step < total:
             t0 = time.perf_counter()
             model.train()
@@ -300,6 +300,7 @@ class Trainer:
                 row["samples_per_s"] = (run.step - first_step) * samples_per_step / max(seconds, 1e-9)
                 row["epoch"] = run.micro_seen / micro_per_epoch
                 bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{row['lr']:.2e}")
+                last_row = dict(row)
                 self._log({f"train/{k}": v for k, v in row.items()}, run.step, info)
             if self.eval_fn is not None and (run.step == total or (c.eval_every and run.step % c.eval_every == 0)):
                 eval_metrics = self._evaluate(model, run.step, device, info)
@@ -321,6 +322,7 @@ class Trainer:
             world_size=info.world_size,
             seconds=seconds,
             eval_metrics=eval_metrics,
+            metrics=last_row,
         )
 
     def _training_state(self, run: _Progress, optimizer, scheduler, info: du.DistInfo, device) -> dict[str, Any]:

@@ -1,0 +1,315 @@
+"""``vilbert finetune --task T``: transfer to VQA, VCR-style multiple choice, RefCOCO+ grounding or caption-based
+image retrieval, from a pretrained checkpoint or from scratch (the paper's "no multimodal pretraining" ablation:
+only the text stream starts from BERT).
+
+Output: the trainer's layout plus ``step.json``, ``result.json`` and, for VQA, ``answer_vocab.json``
+(DATA_CONTRACTS.md, "Step outputs around the trainer").  The checkpoint in ``final/`` is a ``tasks`` model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components import storage
+from components.steps import (
+    MINILM,
+    RESULT_FILE,
+    STEP_FILE,
+    StepError,
+    TrackingOptions,
+    checkpoint_folder,
+    config_to_dict,
+    feature_spec_hash,
+    model_config,
+    read_step,
+    resolve_text_init,
+    resolve_tokenizer,
+    run_on_processes,
+    sha256_of,
+    write_json,
+)
+from components.training.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+TASK_NAMES = ("vqa", "vcr", "refcoco+", "retrieval")
+VOCAB_FILE = "answer_vocab.json"
+#: Each task's input files (for the data hash) relative to the dataset root.
+TASK_FILES = {
+    "vqa": ("tasks/vqa/v2_OpenEnded_mscoco_{split}_questions.json", "tasks/vqa/v2_mscoco_{split}_annotations.json"),
+    "vcr": ("tasks/vcr/{split}.jsonl",),
+    "refcoco+": ("tasks/refcoco+/refs(unc).json", "tasks/refcoco+/instances.json"),
+    "retrieval": ("tasks/flickr30k/dataset_flickr30k.json",),
+}
+#: Tokens per text (question, question+answer, expression, caption) as the original code uses.
+DEFAULT_TEXT_LENGTH = {"vqa": 23, "vcr": 40, "refcoco+": 20, "retrieval": 30}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything ``vilbert finetune`` needs; ``trainer.output_dir`` is the step's output folder."""
+
+    task: str
+    """vqa, vcr, refcoco+ or retrieval."""
+    dataset: str
+    """Dataset root written by ``ingest`` (local or s3://)."""
+    features: str
+    """Feature store written by ``features``; must match the checkpoint's feature spec."""
+    trainer: TrainerConfig
+    """How to train; its ``output_dir`` is the step's output folder."""
+    init: str = SCRATCH
+    """A pretrain output folder (or native checkpoint folder) to start from, or ``scratch``."""
+    validation: str | None = None
+    """Folder written by ``validate``: rows it rejected are left out."""
+    preset: str = "demo"
+    """scratch only: the model preset (a pretrained init brings its own config)."""
+    model_config_file: str | None = None
+    """scratch only: a model config JSON instead of the preset."""
+    text_init: str = MINILM
+    """scratch only: BERT weights of the text stream (``minilm``, a folder, or ``none``)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or ``minilm``; default: the pretrained checkpoint's, else the text-init folder's."""
+    split: str = "train"
+    """Training split of the task's files."""
+    max_text_length: int | None = None
+    """Tokens per text; None: the original's length for the task (VQA 23, VCR 40, RefCOCO+ 20, retrieval 30)."""
+    answer_min_count: int = 9
+    """VQA: answers given at least this often in the training annotations form the answer vocabulary."""
+    max_regions: int = 37
+    """Regions per image including the whole-image token."""
+    nproc: int = 1
+    """Processes on this machine (torchrun's elastic agent); ignored under an external torchrun."""
+    max_restarts: int = 3
+    """Whole-group restarts after a worker failure (each resumes from the last checkpoint)."""
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    """MLflow tracking."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise StepError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.nproc < 1 or self.max_restarts < 0 or self.max_regions < 2 or self.answer_min_count < 1:
+            raise StepError("need nproc >= 1, max_restarts >= 0, max_regions >= 2 and answer_min_count >= 1")
+        if self.max_text_length is not None and self.max_text_length < 4:
+            raise StepError(f"max_text_length must be >= 4, got {self.max_text_length}")
+        if storage.is_s3(str(self.trainer.output_dir)):
+            raise StepError("the output folder must be local (checkpoints are renamed atomically)")
+
+    @property
+    def output(self) -> Path:
+        return Path(self.trainer.output_dir)
+
+    @property
+    def text_length(self) -> int:
+        return self.max_text_length or DEFAULT_TEXT_LENGTH[self.task]
+
+    @property
+    def init_kind(self) -> str:
+        return SCRATCH if self.init == SCRATCH else "pretrained"
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+@dataclass
+class FinetuneResult:
+    """What ``run_finetune`` did."""
+
+    task: str
+    output: Path
+    final_dir: Path | None
+    steps: int
+    final_loss: float
+    metrics: dict[str, float]
+    samples_per_s: float
+    tracking_run_id: str | None
+
+
+def build_task_dataset(task: str, files: Any, regions: Any, tokenizer: Any, split: str, text_length: int,
+                       seed: int, vocab: Any = None) -> Any:  # fmt: skip
+    """The task's dataset for ``split`` (the same builder serves training and evaluation)."""
+    from components.data import tasks as t
+
+    if task == "vqa":
+        return t.VQADataset(files, regions, tokenizer, vocab, t.VQADataConfig(split=split, max_text_length=text_length))
+    if task == "vcr":
+        return t.VCRDataset(files, regions, tokenizer, t.VCRDataConfig(split=split, max_text_length=text_length))
+    if task == "refcoco+":
+        return t.RefCOCODataset(
+            files, regions, tokenizer, t.RefCOCODataConfig(split=split, max_text_length=text_length)
+        )
+    return t.RetrievalTrainDataset(
+        files, regions, tokenizer, t.RetrievalDataConfig(split=split, max_text_length=text_length, seed=seed)
+    )
+
+
+def _load_model(config: FinetuneConfig, num_answers: int, is_main: bool) -> tuple[Any, Any]:
+    """(model, its config): the pretrained trunk and heads with fresh task heads, or scratch + BERT text stream."""
+    from model import ViLBertForTasks
+    from model.checkpoint import load_bert_text_stream, load_checkpoint
+
+    if config.init_kind == "pretrained":
+        folder = checkpoint_folder(config.init)
+        model = load_checkpoint(folder, kind="tasks", num_answers=num_answers)
+        return model, model.config
+    mconfig = model_config(config.preset, config.model_config_file)
+    model = ViLBertForTasks(mconfig, num_answers=num_answers)
+    bert = resolve_text_init(config.text_init)
+    if bert is not None:
+        report = load_bert_text_stream(model, bert)
+        if is_main:
+            log.info("scratch model; text stream from %s (%d tensors)", bert, len(report.loaded))
+    return model, mconfig
+
+
+def _worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """One rank's fine-tuning."""
+    import torch
+
+    from components.data.collate import Collator, model_inputs
+    from components.data.regions import RegionSource
+    from components.data.sampler import ResumableDistributedSampler
+    from components.data.tasks import TASKS, AnswerVocab, TaskFiles
+    from components.tracking import Tracker, TrackingConfig
+    from components.training import Trainer
+    from components.training.distributed import dist_info_from_env
+
+    config: FinetuneConfig = payload["config"]
+    info = dist_info_from_env()
+    torch.manual_seed(config.trainer.seed)
+    vocab = AnswerVocab.load(config.output / VOCAB_FILE) if config.task == "vqa" else None
+    model, mconfig = _load_model(config, len(vocab) if vocab else 1, info.is_main)
+    tokenizer = payload["tokenizer"]
+    regions = RegionSource(config.features, mconfig, max_regions=config.max_regions)
+    files = TaskFiles(config.dataset, config.validation)
+    dataset = build_task_dataset(config.task, files, regions, tokenizer, config.split, config.text_length,
+                                 config.trainer.seed, vocab)  # fmt: skip
+    sampler = ResumableDistributedSampler(dataset, seed=config.trainer.seed, drop_last=True)
+    spec = TASKS[config.task]
+
+    def loss_fn(model, batch):
+        out = model(**model_inputs(batch), heads=spec.heads)
+        return spec.loss(out, batch), {}
+
+    tracking = TrackingConfig(
+        experiment=config.tracking.experiment,
+        run_name=config.tracking.run_name or f"finetune-{config.task}-{config.init_kind}",
+        output_dir=config.output,
+        tracking_uri=config.tracking.tracking_uri,
+        tags={
+            "step": "finetune",
+            "task": config.task,
+            "init": config.init_kind,
+            "seed": str(config.trainer.seed),
+            **config.tracking.tags,
+        },  # fmt: skip
+        resume_key="finetune:" + hashlib.sha256(str(config.output.resolve()).encode()).hexdigest()[:16],
+        enabled=config.tracking.enabled,
+    )
+    with Tracker(tracking, rank=info.rank) as tracker:
+        if info.is_main:
+            tracker.log_config(config.to_dict(), name="finetune_config.json")
+            tracker.log_params(config.to_dict())
+            tracker.log_params(dataset.report.to_dict(), prefix="data")
+            tracker.log_lineage(data_hash=payload["data_hash"], feature_spec_hash=payload["feature_spec_hash"])
+            tracker.set_tags({"lineage.init_from": str(config.init)})
+        trainer = Trainer(
+            config.trainer,
+            model,
+            dataset,
+            Collator(pad_token_id=tokenizer.pad_token_id),
+            loss_fn,
+            sampler=sampler,
+            tracker=tracker if info.is_main else None,
+            tokenizer=tokenizer,
+            feature_spec=payload["feature_spec"],
+            data_hash=payload["data_hash"],
+            feature_spec_hash=payload["feature_spec_hash"],
+        )
+        result = trainer.train()
+        if info.is_main:
+            tracker.log_metrics({"final/loss": result.final_loss, "final/samples_per_s": result.samples_per_s})
+        return {"train": result.to_dict(), "tracking_run_id": tracker.run_id}
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune as configured; resumes from ``output/checkpoints`` when a run was interrupted."""
+    from components.data.tasks import AnswerVocab, TaskFiles
+
+    output = config.output
+    output.mkdir(parents=True, exist_ok=True)
+    spec, spec_hash = feature_spec_hash(config.features)
+    init_from = None
+    if config.init_kind == "pretrained":
+        init_from = checkpoint_folder(config.init)
+        from model.checkpoint import read_feature_spec
+
+        trained_on = read_feature_spec(init_from)
+        if trained_on is not None and trained_on != spec:
+            raise StepError(
+                f"the feature store {config.features} does not match the features {init_from} was pretrained on "
+                f"(store: backend {spec.get('backend')!r}, D={spec.get('feature_size')}, C={spec.get('num_classes')}; "
+                f"checkpoint: backend {trained_on.get('backend')!r}, D={trained_on.get('feature_size')}, "
+                f"C={trained_on.get('num_classes')})"
+            )
+        tokenizer = resolve_tokenizer(config.tokenizer or str(init_from), config.text_init)
+    else:
+        tokenizer = resolve_tokenizer(config.tokenizer, config.text_init)
+    uris = [storage.join(config.dataset, rel.format(split=config.split)) for rel in TASK_FILES[config.task]]
+    if config.validation:
+        uris.append(storage.join(config.validation, "quarantine.parquet"))
+    if not storage.exists(uris[0]):
+        raise StepError(f"the {config.task} task has no {config.split} file {uris[0]}: was the dataset ingested?")
+    data_hash = sha256_of(uris)
+    if config.task == "vqa":
+        vocab_path = output / VOCAB_FILE
+        if not vocab_path.exists():  # a resumed run keeps its vocabulary (the head's answer order)
+            files = TaskFiles(config.dataset, config.validation)
+            vocab = AnswerVocab.from_task_files(files, split=config.split, min_count=config.answer_min_count)
+            vocab.save(vocab_path)
+            log.info("answer vocabulary: %d answers given at least %d times", len(vocab), config.answer_min_count)
+    step = {
+        "step": "finetune",
+        "task": config.task,
+        "init": config.init_kind,
+        "init_from": str(init_from) if init_from else None,
+        "preset": config.preset if init_from is None else read_step_preset(init_from),
+        "seed": config.trainer.seed,
+        "dataset": config.dataset,
+        "validation": config.validation,
+        "features": config.features,
+        "data_hash": data_hash,
+        "feature_spec_hash": spec_hash,
+        "max_text_length": config.text_length,
+        "tracking_run_id": None,
+        "config": config.to_dict(),
+    }
+    write_json(output / STEP_FILE, step)
+    payload = {"config": config, "tokenizer": tokenizer, "data_hash": data_hash, "feature_spec": spec,
+               "feature_spec_hash": spec_hash}  # fmt: skip
+    out = run_on_processes(_worker, payload, config.nproc, config.max_restarts, log_dir=output / "logs")
+    train = out["train"]
+    write_json(output / STEP_FILE, {**step, "tracking_run_id": out["tracking_run_id"]})
+    write_json(output / RESULT_FILE, {**train, "metrics": train["metrics"]})
+    return FinetuneResult(
+        task=config.task,
+        output=output,
+        final_dir=Path(train["final_dir"]) if train["final_dir"] else None,
+        steps=train["steps"],
+        final_loss=train["final_loss"],
+        metrics=train["metrics"],
+        samples_per_s=train["samples_per_s"],
+        tracking_run_id=out["tracking_run_id"],
+    )
+
+
+def read_step_preset(checkpoint: Path) -> str | None:
+    """The preset named in the step.json next to a checkpoint's ``final/`` (None when unknown)."""
+    try:
+        return read_step(checkpoint.parent).get("preset")
+    except StepError:
+        return None
