@@ -37,6 +37,7 @@ from components.training.config import TrainerConfig
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
+PRETRAINED = "pretrained"
 TASK_NAMES = ("vqa", "vcr", "refcoco+", "retrieval")
 VOCAB_FILE = "answer_vocab.json"
 #: Each task's input files (for the data hash) relative to the dataset root.
@@ -63,7 +64,9 @@ class FinetuneConfig:
     trainer: TrainerConfig
     """How to train; its ``output_dir`` is the step's output folder."""
     init: str = SCRATCH
-    """A pretrain output folder (or native checkpoint folder) to start from, or ``scratch``."""
+    """``scratch``, ``pretrained`` (start from ``pretrained``), or a pretrain output / native checkpoint folder."""
+    pretrained: str | None = None
+    """The pretrain output folder that ``init="pretrained"`` starts from."""
     validation: str | None = None
     """Folder written by ``validate``: rows it rejected are left out."""
     preset: str = "demo"
@@ -98,10 +101,19 @@ class FinetuneConfig:
             raise StepError(f"max_text_length must be >= 4, got {self.max_text_length}")
         if storage.is_s3(str(self.trainer.output_dir)):
             raise StepError("the output folder must be local (checkpoints are renamed atomically)")
+        if self.init == PRETRAINED and not self.pretrained:
+            raise StepError("init 'pretrained' needs the pretrain output folder (pretrained=... / --pretrained)")
 
     @property
     def output(self) -> Path:
         return Path(self.trainer.output_dir)
+
+    @property
+    def init_path(self) -> str | None:
+        """The folder the weights come from (None for scratch)."""
+        if self.init == SCRATCH:
+            return None
+        return self.pretrained if self.init == PRETRAINED else self.init
 
     @property
     def text_length(self) -> int:
@@ -109,7 +121,7 @@ class FinetuneConfig:
 
     @property
     def init_kind(self) -> str:
-        return SCRATCH if self.init == SCRATCH else "pretrained"
+        return SCRATCH if self.init == SCRATCH else PRETRAINED
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -153,7 +165,7 @@ def _load_model(config: FinetuneConfig, num_answers: int, is_main: bool) -> tupl
     from model.checkpoint import load_bert_text_stream, load_checkpoint
 
     if config.init_kind == "pretrained":
-        folder = checkpoint_folder(config.init)
+        folder = checkpoint_folder(str(config.init_path))
         model = load_checkpoint(folder, kind="tasks", num_answers=num_answers)
         return model, model.config
     mconfig = model_config(config.preset, config.model_config_file)
@@ -216,7 +228,7 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
             tracker.log_params(config.to_dict())
             tracker.log_params(dataset.report.to_dict(), prefix="data")
             tracker.log_lineage(data_hash=payload["data_hash"], feature_spec_hash=payload["feature_spec_hash"])
-            tracker.set_tags({"lineage.init_from": str(config.init)})
+            tracker.set_tags({"lineage.init_from": str(config.init_path)})
         trainer = Trainer(
             config.trainer,
             model,
@@ -245,7 +257,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     spec, spec_hash = feature_spec_hash(config.features)
     init_from = None
     if config.init_kind == "pretrained":
-        init_from = checkpoint_folder(config.init)
+        init_from = checkpoint_folder(str(config.init_path))
         from model.checkpoint import read_feature_spec
 
         trained_on = read_feature_spec(init_from)

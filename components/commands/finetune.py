@@ -18,10 +18,13 @@ def finetune_command(
     init: Annotated[
         str,
         typer.Option(
-            help="A pretrain output folder (or native checkpoint folder) to start from, or 'scratch' (only the "
-            "text stream from BERT: the paper's no-multimodal-pretraining ablation)."
+            help="'pretrained' (from --pretrained), a pretrain output / native checkpoint folder, or 'scratch' "
+            "(only the text stream from BERT: the paper's no-multimodal-pretraining ablation)."
         ),
     ] = "scratch",
+    pretrained: Annotated[
+        str | None, typer.Option(help="The pretrain output folder that --init pretrained starts from.")
+    ] = None,
     validation: o.Validation = None,
     preset: o.Preset = "demo",
     model_config: o.ModelConfig = None,
@@ -69,6 +72,7 @@ def finetune_command(
         dataset=dataset,
         features=features,
         init=init,
+        pretrained=pretrained,
         validation=validation,
         trainer=o.trainer_config(
             output,
