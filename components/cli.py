@@ -215,6 +215,14 @@ def presets() -> None:
 
 
 # --- step commands (one registration line per step module) ---
+from components.commands.registry import promote_command, register_command, rollback_command  # noqa: E402
+
+app.command("register")(register_command)
+app.command("promote")(promote_command)
+app.command("rollback")(rollback_command)
+from components.commands.evaluate import evaluate_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
 from components.commands.finetune import finetune_command  # noqa: E402
 
 app.command("finetune")(finetune_command)
