@@ -34,6 +34,9 @@ ClipNorm = Annotated[float, typer.Option(help="Clip the gradient norm to this (0
 Seed = Annotated[int, typer.Option(help="Seed of weights, data order, masking and negatives.")]
 CheckpointEvery = Annotated[int, typer.Option(help="Write a checkpoint every N steps (and after the last).")]
 KeepLast = Annotated[int, typer.Option(help="Checkpoints to keep.")]
+KeepCheckpoints = Annotated[
+    bool, typer.Option(help="Keep checkpoints/ after a finished run (--no-keep-checkpoints: only final/ stays).")
+]
 LogEvery = Annotated[int, typer.Option(help="Log training metrics every N steps.")]
 NumWorkers = Annotated[int, typer.Option(help="DataLoader worker processes per training process.")]
 Device = Annotated[str, typer.Option(help="auto (cuda:<local rank> when available, else cpu), cpu, cuda, cuda:N.")]

@@ -72,6 +72,8 @@ class TrainerConfig:
     """Show a progress bar on rank 0."""
     export_final: bool = True
     """Write ``output_dir/final/`` (a native checkpoint directory) at the end."""
+    keep_checkpoints: bool = True
+    """False: delete ``checkpoints/`` once the run has finished and ``final/`` is written (they serve resuming only)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))

@@ -310,12 +310,16 @@ class Trainer:
         bar.close()
         final_dir = self._export_final(model, run.step, info)
         du.barrier()
+        if not c.keep_checkpoints and final_dir is not None and info.is_main:
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+            checkpoint = None
         return TrainResult(
             steps=run.step,
             epochs=run.micro_seen / micro_per_epoch,
             final_loss=run.loss,
             samples_per_s=(run.step - first_step) * samples_per_step / seconds if seconds else 0.0,
-            checkpoint=checkpoint or ckpt.find_latest_valid(self.checkpoint_root, set_aside_corrupt=False),
+            checkpoint=checkpoint
+            or (ckpt.find_latest_valid(self.checkpoint_root, set_aside_corrupt=False) if c.keep_checkpoints else None),
             final_dir=final_dir,
             resumed_from=resumed_from,
             resumed_step=first_step,
