@@ -8,8 +8,10 @@ PIP    := $(BIN)/pip --disable-pip-version-check --quiet
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test test-fast lint format bench parity lock clean
+.PHONY: install run demo ui pipeline-yaml kfp-run test test-fast lint format bench parity lock clean
 
 install: $(STAMP)
 
@@ -20,8 +22,21 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install --no-deps -e .
 	touch $(STAMP)
 
-run: $(STAMP)  ## the main job on the embedded default
-	$(BIN)/vilbert run
+run: $(STAMP)  ## the whole pipeline on the embedded default (dvc repro), then where to look
+	$(BIN)/dvc repro
+	$(BIN)/vilbert summary
+
+demo: $(STAMP)  ## a few pretraining steps of the demo model (seconds)
+	$(BIN)/vilbert model demo
+
+ui: $(STAMP)  ## the MLflow UI on the local store (runs, pictures, registered models and aliases)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+pipeline-yaml: $(STAMP)  ## recompile the committed Kubeflow IR YAML
+	$(BIN)/python pipelines/full.py compile -o pipelines/full.yaml
+
+kfp-run: $(STAMP)  ## the same pipeline under kfp.local
+	$(BIN)/python pipelines/full.py run
 
 test: $(STAMP)  ## every test (fast and slow), CPU only
 	$(BIN)/python -m pytest

@@ -8,7 +8,6 @@ Output: the trainer's layout plus ``step.json``, ``result.json`` and, for VQA, `
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from components.steps import (
     resolve_tokenizer,
     run_on_processes,
     sha256_of,
+    tracking_key,
     write_json,
 )
 from components.training.config import TrainerConfig
@@ -219,7 +219,7 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
             "seed": str(config.trainer.seed),
             **config.tracking.tags,
         },  # fmt: skip
-        resume_key="finetune:" + hashlib.sha256(str(config.output.resolve()).encode()).hexdigest()[:16],
+        resume_key=payload["tracking_key"],
         enabled=config.tracking.enabled,
     )
     with Tracker(tracking, rank=info.rank) as tracker:
@@ -302,7 +302,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     }
     write_json(output / STEP_FILE, step)
     payload = {"config": config, "tokenizer": tokenizer, "data_hash": data_hash, "feature_spec": spec,
-               "feature_spec_hash": spec_hash}  # fmt: skip
+               "feature_spec_hash": spec_hash, "tracking_key": tracking_key(output, "finetune")}  # fmt: skip
     out = run_on_processes(_worker, payload, config.nproc, config.max_restarts, log_dir=output / "logs")
     train = out["train"]
     write_json(output / STEP_FILE, {**step, "tracking_run_id": out["tracking_run_id"]})

@@ -8,7 +8,6 @@ trainer's layout plus ``step.json`` and ``result.json`` (DATA_CONTRACTS.md, "Ste
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from components.steps import (
     resolve_tokenizer,
     run_on_processes,
     sha256_of,
+    tracking_key,
     write_json,
 )
 from components.training.config import TrainerConfig
@@ -118,11 +118,6 @@ def captions_uri(config: PretrainConfig) -> str:
     return storage.join(config.dataset, "captions.parquet")
 
 
-def resume_key(output: Path) -> str:
-    """The MLflow run a restarted or resumed run continues: one per output folder."""
-    return "pretrain:" + hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
-
-
 def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One rank's pretraining (this process, a torchrun worker, or a PyTorchJob pod)."""
     import torch
@@ -171,7 +166,7 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
             "init": "bert" if bert else "random",
             **config.tracking.tags,
         },  # fmt: skip
-        resume_key=resume_key(config.output),
+        resume_key=payload["tracking_key"],
         enabled=config.tracking.enabled,
     )
     with Tracker(tracking, rank=info.rank) as tracker:
@@ -217,6 +212,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         "data_hash": sha256_of([captions]),
         "feature_spec": spec,
         "feature_spec_hash": spec_hash,
+        "tracking_key": tracking_key(output, "pretrain"),
     }
     step = {
         "step": "pretrain",

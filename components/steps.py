@@ -159,6 +159,29 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+TRACKING_KEY_FILE = ".tracking_key"
+
+
+def tracking_key(output: Path, step: str) -> str:
+    """The MLflow resume key of this run: the previous key when ``output`` holds a checkpoint to resume from
+    (a resumed run continues its MLflow run), else a new one (a fresh run never reuses an old run's record)."""
+    import uuid
+
+    from components.training import checkpointing as ckpt
+
+    path = output / TRACKING_KEY_FILE
+    resumable = bool(ckpt.list_checkpoints(output / "checkpoints")) if (output / "checkpoints").exists() else False
+    if resumable and path.exists():
+        return path.read_text().strip()
+    key = f"{step}:{uuid.uuid4().hex}"
+    write_json_text(path, key)
+    return key
+
+
+def write_json_text(path: Path, text: str) -> None:
+    storage.atomic_write_local(Path(path), lambda f: f.write(text.encode()))
+
+
 def run_on_processes(
     worker: Callable[[dict[str, Any]], dict[str, Any]],
     payload: dict[str, Any],

@@ -17,9 +17,12 @@ def test_demo_runs_real_steps_and_losses_fall():
 
 
 @pytest.mark.e2e
-def test_vilbert_run_prints_the_three_losses():
+def test_vilbert_model_demo_prints_the_three_losses():
     done = subprocess.run(
-        [sys.executable, "-m", "components.cli", "run", "--steps", "1"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "components.cli", "model", "demo", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "masked_lm" in done.stdout and "masked_region" in done.stdout and "alignment" in done.stdout

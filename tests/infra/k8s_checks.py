@@ -6,7 +6,6 @@ empty list and show every problem at once, and a negative test can assert that a
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,11 @@ _POD_SPEC_PATHS = {
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
     "Pod": ("spec",),
 }
+
+#: Tests that render the overlays need kubectl (its built-in kustomize).
+requires_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not on PATH: the overlays cannot be rendered"
+)
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _PLACEHOLDER = "CHANGE_ME"
@@ -393,48 +398,3 @@ def pytorchjob_problems(job: dict, version: str = K8S_VERSION) -> list[str]:
                 problems.append(f"{role}: nvidia.com/gpu limit {gpus} differs from nprocPerNode {nproc}")
         problems += pod_template_problems(replica["template"], f"{name}-{role.lower()}", version)
     return problems
-
-
-def fill_pretrain_template(
-    template: dict,
-    *,
-    name: str,
-    image: str,
-    command: list[str],
-    args: list[str],
-    nodes: int,
-    nproc_per_node: int,
-    max_restarts: int,
-    min_nodes: int | None = None,
-) -> dict:
-    """Fill the pretrain PyTorchJob template exactly as infra/README.md ("PyTorchJob template") documents.
-
-    A reference implementation of that contract for the tests; the pretrain step implements the same rules.
-    """
-    job = copy.deepcopy(template)
-    metadata = job["metadata"]
-    for key in ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "annotations"):
-        metadata.pop(key, None)
-    metadata.get("labels", {}).pop("vilbert.io/template", None)
-    metadata["name"] = name
-    job.pop("status", None)
-    spec = job["spec"]
-    spec["runPolicy"]["suspend"] = False
-    spec["nprocPerNode"] = str(nproc_per_node)
-    spec["elasticPolicy"].update(minReplicas=min_nodes or nodes, maxReplicas=nodes, maxRestarts=max_restarts)
-    replicas = spec["pytorchReplicaSpecs"]
-    if nodes == 1:
-        del replicas["Master"]
-        replicas["Worker"]["replicas"] = 1
-    else:
-        replicas["Master"]["replicas"] = 1
-        replicas["Worker"]["replicas"] = nodes - 1
-    for replica in replicas.values():
-        for container in replica["template"]["spec"]["containers"]:
-            if container["name"] != "pytorch":
-                continue
-            container.update(image=image, command=list(command), args=list(args))
-            for section in ("requests", "limits"):
-                if "nvidia.com/gpu" in container.get("resources", {}).get(section, {}):
-                    container["resources"][section]["nvidia.com/gpu"] = str(nproc_per_node)
-    return job

@@ -3,6 +3,7 @@
 Rendering needs `kubectl` (its built-in kustomize); the core objects are validated with kubernetes-validate's
 strict schemas of a pinned Kubernetes version; the PyTorchJob (a custom resource, unknown to those schemas)
 with the kubeflow-training SDK models and the Training Operator's admission rules (tests/infra/k8s_checks.py).
+The training side (PyTorchJob template, RBAC of the pipeline) is in test_training_infra.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import base64
 import configparser
 import copy
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -22,22 +22,7 @@ from tests.infra import k8s_checks as kc
 pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (strict schema checks)")
 pytest.importorskip("kubeflow.training", reason="kubeflow-training is not installed (PyTorchJob models)")
 
-requires_kubectl = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl is not on PATH: the overlays cannot be rendered"
-)
-
-
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Each overlay rendered once, from a copy of infra/k8s with the secret env files made from the examples."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not on PATH: the overlays cannot be rendered")
-    tree = kc.prepare_tree(tmp_path_factory.mktemp("infra"))
-    return {overlay: kc.kustomize(tree, overlay) for overlay in kc.OVERLAYS}
-
-
-def _template(objects: list[dict]) -> dict:
-    return kc.one(objects, "PyTorchJob", "vilbert-pretrain-template")
+requires_kubectl = kc.requires_kubectl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,7 +106,7 @@ def test_every_container_is_limited_non_root_and_pinned(rendered, overlay):
             problems += kc.container_problems(label, pod)
             if pod.get("automountServiceAccountToken") is not False:
                 problems.append(f"{label}: mounts a service account token it does not need")
-    assert pods >= 7  # mlflow, postgres, minio, two setup jobs, PyTorchJob Master and Worker
+    assert pods >= 6  # mlflow, postgres, minio, two setup jobs, the PyTorchJob's Worker
     assert problems == []
 
 
@@ -292,28 +277,6 @@ def test_auth_store_matches_the_postgres_settings(rendered):
 
 
 @requires_kubectl
-def test_pipeline_role_grants_exactly_what_the_pretrain_step_needs(rendered):
-    objects = rendered["gpu"]
-    rules = {
-        (group, resource): set(rule["verbs"])
-        for rule in kc.one(objects, "Role", "vilbert-pipeline")["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
-    assert rules == {
-        ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
-        ("", "pods"): {"get", "list", "watch"},
-        ("", "pods/log"): {"get", "list", "watch"},
-        ("", "events"): {"get", "list", "watch"},
-        ("events.k8s.io", "events"): {"get", "list", "watch"},
-    }
-    binding = kc.one(objects, "RoleBinding", "vilbert-pipeline")
-    subjects = {(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]}
-    assert ("ServiceAccount", "vilbert-pipeline", "vilbert") in subjects
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vilbert-pipeline"}
-
-
-@requires_kubectl
 def test_overlays_size_the_cluster(rendered):
     def claims(overlay):
         return {
@@ -330,106 +293,3 @@ def test_overlays_size_the_cluster(rendered):
         assert parse_quantity(gpu[name][1]) > parse_quantity(local[name][1])
     gpus = {o: kc.one(rendered[o], "ConfigMap", "vilbert-config")["data"]["VILBERT_GPUS_PER_NODE"] for o in kc.OVERLAYS}
     assert gpus == {"local": "0", "gpu": "8"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The PyTorchJob template
-
-
-@requires_kubectl
-@pytest.mark.parametrize("overlay", kc.OVERLAYS)
-def test_pytorchjob_template_validates(rendered, overlay):
-    job = _template(rendered[overlay])
-    assert kc.pytorchjob_problems(job) == []
-    spec = job["spec"]
-    assert spec["runPolicy"]["suspend"] is True, "the template must never start pods"
-    assert set(spec["pytorchReplicaSpecs"]) == {"Master", "Worker"}
-    master, worker = (spec["pytorchReplicaSpecs"][r]["template"] for r in ("Master", "Worker"))
-    assert master == worker, "Master and Worker pod templates drifted apart"
-    assert {"minReplicas", "maxReplicas", "maxRestarts"} <= set(spec["elasticPolicy"])
-    pod = master["spec"]
-    container = next(c for c in pod["containers"] if c["name"] == "pytorch")
-    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-    assert shm["emptyDir"]["medium"] == "Memory"
-    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    refs = {next(iter(e.values()))["name"] for e in container["envFrom"]}
-    assert refs == {"vilbert-config", "vilbert-s3", "vilbert-mlflow-client"}
-    config = kc.one(rendered[overlay], "ConfigMap", "vilbert-config")["data"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert {config[k] for k in ("VILBERT_DATASETS_DIR", "VILBERT_FEATURES_DIR", "VILBERT_CHECKPOINTS_DIR")} <= mounts
-    gpus = container["resources"]["limits"].get("nvidia.com/gpu", "0")
-    assert gpus == config["VILBERT_GPUS_PER_NODE"]
-    if overlay == "gpu":
-        assert gpus == spec["nprocPerNode"] and pod["nodeSelector"] and pod["tolerations"]
-    else:
-        assert "nodeSelector" not in pod and "tolerations" not in pod
-
-
-@requires_kubectl
-@pytest.mark.parametrize("nodes", [1, 2, 4])
-@pytest.mark.parametrize("overlay", kc.OVERLAYS)
-def test_filled_template_is_a_valid_job(rendered, overlay, nodes):
-    """Filling the documented fields yields a job the SDK models and the operator's rules accept."""
-    template = _template(rendered[overlay])
-    gpus = 8 if overlay == "gpu" else 2
-    job = kc.fill_pretrain_template(
-        template,
-        name="vilbert-pretrain-20260101-abcd",
-        image="registry.example.com/vilbert-mlops@sha256:" + "1" * 64,
-        command=["torchrun"],
-        args=["--module", "components.cli", "pretrain", "--config", "/data/checkpoints/run/config.json"],
-        nodes=nodes,
-        nproc_per_node=gpus,
-        max_restarts=5,
-    )
-    assert kc.pytorchjob_problems(job) == []
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert sum(r["replicas"] for r in replicas.values()) == nodes
-    assert job["spec"]["runPolicy"]["suspend"] is False and job["spec"]["nprocPerNode"] == str(gpus)
-    assert "vilbert.io/template" not in job["metadata"]["labels"]
-    assert template["spec"]["runPolicy"]["suspend"] is True, "filling must not change the template"
-
-
-def _mutations():
-    def pod(job, role="Master"):
-        return job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]
-
-    return {
-        "no runPolicy": lambda j: j["spec"].pop("runPolicy"),
-        "unknown spec field": lambda j: j["spec"].__setitem__("nprocPerNod", "8"),
-        "replicas not an int": lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].__setitem__("replicas", "two"),
-        "nprocPerNode an int": lambda j: j["spec"].__setitem__("nprocPerNode", 8),
-        "container without name": lambda j: pod(j, "Worker")["containers"][0].pop("name"),
-        "two masters": lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].__setitem__("replicas", 2),
-        "no pytorch container": lambda j: pod(j)["containers"][0].__setitem__("name", "trainer"),
-        "elastic without Worker": lambda j: j["spec"]["pytorchReplicaSpecs"].pop("Worker"),
-        "unknown pod field": lambda j: pod(j).__setitem__("nodeSelectr", {}),
-        "GPU limit != nprocPerNode": lambda j: pod(j)["containers"][0]["resources"]["limits"].__setitem__(
-            "nvidia.com/gpu", "3"
-        ),
-        "bad name": lambda j: j["metadata"].__setitem__("name", "Pretrain_1"),
-        "min > max": lambda j: j["spec"]["elasticPolicy"].__setitem__("minReplicas", 5),
-        "unknown replica type": lambda j: j["spec"]["pytorchReplicaSpecs"].__setitem__(
-            "Chief", copy.deepcopy(j["spec"]["pytorchReplicaSpecs"]["Worker"])
-        ),
-        "no operator port": lambda j: pod(j)["containers"][0].pop("ports"),
-        "bad restart policy": lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].__setitem__(
-            "restartPolicy", "Sometimes"
-        ),
-    }
-
-
-@requires_kubectl
-@pytest.mark.parametrize("mutation", sorted(_mutations()))
-def test_broken_job_fails_the_check(rendered, mutation):
-    job = copy.deepcopy(_template(rendered["gpu"]))
-    _mutations()[mutation](job)
-    assert kc.pytorchjob_problems(job) != [], f"{mutation} was not caught"
-
-
-def test_repository_template_file_validates():
-    """The base file itself (what the pretrain step loads offline) validates, without kubectl."""
-    path = kc.K8S / "base" / "pytorchjob" / "pretrain-template.yaml"
-    job = yaml.safe_load(path.read_text())
-    job["metadata"]["namespace"] = "vilbert"
-    assert kc.pytorchjob_problems(job) == []

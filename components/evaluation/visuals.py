@@ -1,0 +1,183 @@
+"""The evaluate step's pictures, drawn with ``components.metrics.pictures`` from the predictions.
+
+* ``retrieval_examples.png`` (retrieval): captions with their top-5 images, the correct one framed;
+* ``grounding_examples.png`` (RefCOCO+): images with the predicted (dashed red) and true (green) boxes;
+* ``answer_distribution.png`` (VQA answers; VCR answer positions): predicted vs ground-truth shares;
+* ``coattention_<nn>.png`` and ``region_attention_<nn>.png`` (every task): the words x regions co-attention
+  map of an example, and its image shaded by the attention one word pays to each region.
+
+Co-attention probabilities come from the trunk itself: ``ViLBertModel.forward(..., output_attentions=True)``
+returns, per co-attention block, the text->vision probabilities (B, heads, T, R) in
+``out.encoder.coattention_probs`` (computed explicitly only when asked; the default path uses fused attention).
+The pictures show the last block, averaged over heads.  Images are read from the dataset root through
+``manifest.parquet``'s ``path`` column.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from components import storage
+from components.data.collate import to_device
+from components.data.common import DataError, encode_text
+from components.evaluation.predict import Predictions
+from components.metrics import pictures
+
+#: Examples that get co-attention pictures (two files each).
+ATTENTION_EXAMPLES = 2
+#: Images shown per caption in the retrieval picture.
+RETRIEVAL_TOP = 5
+_TRUNK_KEYS = ("input_ids", "token_type_ids", "attention_mask", "features", "boxes", "region_mask")
+
+
+class DatasetImages:
+    """Image bytes by image id, from a dataset root (local or ``s3://``) and its ``manifest.parquet``."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self._paths: dict[str, str] | None = None
+
+    def __call__(self, image_id: str) -> bytes:
+        if self._paths is None:
+            manifest = storage.join(self.root, "manifest.parquet")
+            try:
+                table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)), columns=["image_id", "path"])
+            except FileNotFoundError:
+                raise DataError(f"no manifest at {manifest}: the pictures need the dataset's images") from None
+            self._paths = dict(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
+        rel = self._paths.get(image_id)
+        if rel is None:
+            raise DataError(f"image {image_id!r} is not in {storage.join(self.root, 'manifest.parquet')}")
+        uri = storage.join(self.root, rel)
+        try:
+            return storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise DataError(
+                f"image file {uri} (image {image_id!r}) is missing from the dataset root; restore it (re-run ingest) "
+                "or evaluate without pictures (pictures=0)"
+            ) from None
+
+
+def make_pictures(
+    predictions: Predictions,
+    data: Any,
+    model: torch.nn.Module,
+    images: DatasetImages,
+    out_dir: Path,
+    count: int,
+    device: torch.device | str = "cpu",
+) -> list[Path]:
+    """Draw the task's pictures for the first ``count`` examples into ``out_dir``; returns the files written."""
+    if count <= 0 or not predictions.records:
+        return []
+    task, records = predictions.task, predictions.records
+    paths: list[Path] = []
+    if task == "retrieval":
+        examples = []
+        for r in (records[i] for i in spread(len(records), min(count, 8))):
+            ranked = r["top_k"][:RETRIEVAL_TOP]
+            correct = ranked.index(r["target"]) if r["target"] in ranked else None
+            examples.append(pictures.RetrievalExample(r["caption"], [images(i) for i in ranked], correct,
+                                                      r["top_k_scores"][:RETRIEVAL_TOP]))  # fmt: skip
+        paths.append(pictures.retrieval_examples_png(out_dir, examples))
+    elif task == "refcoco+":
+        examples = [pictures.GroundingExample(images(r["image_id"]), r["expression"], r["prediction"], r["target"])
+                    for r in (records[i] for i in spread(len(records), min(count, 12)))]  # fmt: skip
+        paths.append(pictures.grounding_examples_png(out_dir, examples))
+    elif task == "vqa":
+        truth = [r["target"] for r in records if r.get("target") is not None]
+        if truth:
+            paths.append(pictures.answer_distribution_png(out_dir, [r["prediction"] for r in records], truth))
+    elif task == "vcr":
+        truth = [f"answer {r['target'] + 1}" for r in records if r.get("target") is not None]
+        if truth:
+            chosen = [f"answer {r['prediction'] + 1}" for r in records]
+            title = "VCR Q->A: chosen vs correct answer position"
+            paths.append(pictures.answer_distribution_png(out_dir, chosen, truth, title=title))
+    for number, index in enumerate(spread(len(records), min(count, ATTENTION_EXAMPLES))):
+        paths += attention_pictures(predictions, index, number, data, model, images, out_dir, device)
+    return paths
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` example indices spread evenly over ``total`` (the first included), so pictures do not all show
+    the first image's examples."""
+    count = min(count, total)
+    return sorted({i * total // count for i in range(count)}) if count > 0 else []
+
+
+def attention_inputs(predictions: Predictions, index: int, data: Any) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The trunk's inputs (batch of 1) for example ``index`` as the model saw it, its image id and its text.
+
+    VCR: the question paired with the chosen answer; retrieval: the caption with its true image."""
+    record = predictions.records[index]
+    if predictions.task == "retrieval":
+        text = encode_text(data.tokenizer, record["caption"], data.config.max_text_length)
+        regions = data.regions[record["target"]]
+        inputs = {**{k: text[k] for k in _TRUNK_KEYS[:3]},
+                  "features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}  # fmt: skip
+        return {k: v[None] for k, v in inputs.items()}, record["target"], record["caption"]
+    item = data[index]
+    if predictions.task == "vcr":  # (4, ...) -> the chosen answer's row
+        inputs = {k: item[k][record["prediction"]][None] for k in _TRUNK_KEYS}
+    else:
+        inputs = {k: item[k][None] for k in _TRUNK_KEYS}
+    text = record.get("question") if predictions.task != "refcoco+" else record.get("expression")
+    return inputs, record["image_id"], str(text)
+
+
+def coattention_map(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device | str) -> Any:
+    """Text->vision co-attention of the last co-attention block, mean over heads: float32 (T, R), or None when
+    the model has no co-attention blocks."""
+    trunk = model.vilbert
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = trunk(**to_device(inputs, device), output_attentions=True)
+    finally:
+        model.train(was_training)
+    probs = out.encoder.coattention_probs
+    if not probs:
+        return None
+    return probs[-1][0][0].float().mean(0).cpu().numpy()  # block -1, text->vision, example 0: (nh, T, R) -> (T, R)
+
+
+def attention_pictures(
+    predictions: Predictions,
+    index: int,
+    number: int,
+    data: Any,
+    model: torch.nn.Module,
+    images: DatasetImages,
+    out_dir: Path,
+    device: torch.device | str,
+) -> list[Path]:
+    """``coattention_<number>.png`` and ``region_attention_<number>.png`` of example ``index``."""
+    inputs, image_id, text = attention_inputs(predictions, index, data)
+    matrix = coattention_map(model, inputs, device)
+    if matrix is None:
+        return []
+    tokens = int(inputs["attention_mask"][0].sum())
+    regions = int(inputs["region_mask"][0].sum())
+    matrix = matrix[:tokens, :regions]
+    ids = inputs["input_ids"][0, :tokens].tolist()
+    words = data.tokenizer.convert_ids_to_tokens(ids)
+    labels = ["image"] + [str(i) for i in range(1, regions)]
+    title = f"co-attention (last block, mean of heads): {text}"
+    paths = [pictures.attention_matrix_png(out_dir, matrix, words, region_labels=labels, title=title[:120],
+                                           name=f"coattention_{number:02d}.png")]  # fmt: skip
+    # the word whose attention is most concentrated on one detected region (special tokens are not words)
+    specials = set(data.tokenizer.all_special_ids)
+    candidates = [i for i, token in enumerate(ids) if token not in specials] or [0]
+    word = max(candidates, key=lambda i: float(matrix[i, 1:].max()))
+    boxes = data.regions[image_id].pixel_boxes[1:regions].numpy()
+    paths.append(pictures.region_attention_png(out_dir, images(image_id), boxes, np.asarray(matrix[word, 1:]),
+                                               word=words[word], name=f"region_attention_{number:02d}.png"))  # fmt: skip
+    return paths
