@@ -39,7 +39,10 @@ def finetune_command(
     ] = 9,
     max_regions: Annotated[int, typer.Option(help="Regions per image including the whole-image token.")] = 37,
     max_steps: o.MaxSteps = None,
-    epochs: o.Epochs = 3.0,
+    epochs: Annotated[
+        float | None,
+        typer.Option(help="Passes over the data (fractions allowed); default 3 unless --max-steps is given."),
+    ] = None,
     batch_size: o.BatchSize = 32,
     grad_accum: o.GradAccum = 1,
     lr: o.LearningRate = 4e-5,
@@ -78,7 +81,7 @@ def finetune_command(
         trainer=o.trainer_config(
             output,
             max_steps=max_steps,
-            epochs=epochs,
+            epochs=epochs if epochs is not None or max_steps is not None else 3.0,
             batch_size=batch_size,
             grad_accum=grad_accum,
             lr=lr,

@@ -20,7 +20,10 @@ def pretrain_command(
     text_init: o.TextInit = "minilm",
     tokenizer: o.Tokenizer = None,
     max_steps: o.MaxSteps = None,
-    epochs: o.Epochs = 1.0,
+    epochs: Annotated[
+        float | None,
+        typer.Option(help="Passes over the data (fractions allowed); default 1 unless --max-steps is given."),
+    ] = None,
     batch_size: o.BatchSize = 32,
     grad_accum: o.GradAccum = 1,
     lr: o.LearningRate = 1e-4,
@@ -63,7 +66,7 @@ def pretrain_command(
         trainer=o.trainer_config(
             output,
             max_steps=max_steps,
-            epochs=epochs,
+            epochs=epochs if epochs is not None or max_steps is not None else 1.0,
             batch_size=batch_size,
             grad_accum=grad_accum,
             lr=lr,
