@@ -20,6 +20,16 @@ model_app = typer.Typer(
     help="Model tools: parity with the original, benchmarks, checkpoint conversion.", no_args_is_help=True
 )
 app.add_typer(model_app, name="model")
+
+
+@app.callback()
+def _setup(
+    log_level: Annotated[str, typer.Option(help="Log level of the steps' messages (DEBUG, INFO, WARNING).")] = "INFO",
+) -> None:
+    """ViLBERT: pretrain, fine-tune and run the model lifecycle."""
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 #: Reference vectors made with the original code (a copy of shared/reference/vilbert ships with the tests).
@@ -28,11 +38,18 @@ DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / 
 
 @app.command("run")
 def run_main(
-    steps: Annotated[int, typer.Option(help="Pretraining steps of the demo.")] = 3,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Re-run every stage (dvc repro --force).")] = False,
 ) -> None:
-    """The main job on the embedded default (for now: the model demo)."""
-    demo(steps=steps, seed=seed)
+    """The main job: the whole pipeline on the embedded default (`dvc repro` in the project), then a summary."""
+    import subprocess
+
+    from components.commands.summary import summary_command
+
+    dvc = Path(sys.executable).with_name("dvc")
+    code = subprocess.call([str(dvc), "repro", *(["--force"] if force else [])])
+    if code:
+        raise typer.Exit(code)
+    summary_command()
 
 
 @model_app.command("demo")
@@ -215,6 +232,12 @@ def presets() -> None:
 
 
 # --- step commands (one registration line per step module) ---
+from components.commands.summary import summary_command  # noqa: E402
+
+app.command("summary")(summary_command)
+from components.commands.table import table_command  # noqa: E402
+
+app.command("table")(table_command)
 from components.commands.registry import promote_command, register_command, rollback_command  # noqa: E402
 
 app.command("register")(register_command)
