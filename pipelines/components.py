@@ -160,6 +160,7 @@ def evaluate_op(
     zero_shot: bool,
     split: str,
     batch_size: int,
+    max_examples: int,
     experiment: str,
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
@@ -181,6 +182,7 @@ def evaluate_op(
             split=split,
             zero_shot=zero_shot,
             batch_size=batch_size,
+            max_examples=max_examples or None,
             experiment=experiment,
             progress=False,
         )  # fmt: skip

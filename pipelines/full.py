@@ -58,7 +58,7 @@ class PipelineParamError(ValueError):
 class PipelineParams:
     """The pipeline's parameters (names and defaults as in the compiled pipeline), checked as a whole."""
 
-    source: str = "synthetic://shapes?seed=0&n=800&size=96&captions_per_image=4"
+    source: str = "synthetic://shapes?seed=0&n=600&size=96&captions_per_image=4"
     """ingest: the data source (synthetic://, a folder, s3://, cc://, coco://)."""
     data_version: str = ""
     """ingest: the data's identity (DVC hash / S3 ETag); the cache key of ingest.  Empty: derived from source."""
@@ -72,7 +72,7 @@ class PipelineParams:
     """pretrain / finetune (scratch): model preset."""
     text_init: str = "minilm"
     """pretrain / finetune (scratch): text-stream BERT weights."""
-    pretrain_epochs: float = 2.0
+    pretrain_epochs: float = 1.0
     """pretrain: passes over the captions."""
     pretrain_max_steps: int = 0
     """pretrain: step limit (0: none)."""
@@ -94,9 +94,9 @@ class PipelineParams:
     """finetune / evaluate: the tasks (ParallelFor)."""
     finetune_epochs: float = 2.0
     """finetune: passes over each task's training split."""
-    finetune_max_steps: int = 0
+    finetune_max_steps: int = 25
     """finetune: step limit (0: none)."""
-    finetune_batch_size: int = 32
+    finetune_batch_size: int = 16
     """finetune: examples per step."""
     finetune_lr: float = 1e-4
     """finetune: peak learning rate."""
@@ -108,6 +108,8 @@ class PipelineParams:
     """evaluate: split."""
     eval_batch_size: int = 64
     """evaluate: pairs per batch."""
+    eval_max_examples: int = 300
+    """evaluate: questions / expressions / query captions at most (0: all; retrieval ranks the whole gallery)."""
     experiment: str = "vilbert"
     """MLflow experiment of every step."""
 
@@ -141,8 +143,8 @@ class PipelineParams:
                 errors.append(f"{name}: set {name}_epochs > 0 and/or {name}_max_steps > 0")
             if not getattr(self, f"{name}_lr") > 0:
                 errors.append(f"{name}_lr must be positive")
-        if self.seed < 0 or self.pytorchjob_gpus_per_node < 0:
-            errors.append("seed and pytorchjob_gpus_per_node must be >= 0")
+        if self.seed < 0 or self.pytorchjob_gpus_per_node < 0 or self.eval_max_examples < 0:
+            errors.append("seed, pytorchjob_gpus_per_node and eval_max_examples must be >= 0")
         if errors:
             raise PipelineParamError("invalid pipeline parameters: " + "; ".join(errors))
 
@@ -234,6 +236,7 @@ def full_pipeline(
     seed: int = PipelineParams.seed,
     eval_split: str = PipelineParams.eval_split,
     eval_batch_size: int = PipelineParams.eval_batch_size,
+    eval_max_examples: int = PipelineParams.eval_max_examples,
     experiment: str = PipelineParams.experiment,
 ) -> None:
     ingest = _platform(ingest_op(source=source, data_version=data_version))
@@ -260,7 +263,7 @@ def full_pipeline(
                   epochs=finetune_epochs, max_steps=finetune_max_steps, batch_size=finetune_batch_size,
                   lr=finetune_lr, answer_min_count=answer_min_count, seed=seed, experiment=experiment)  # fmt: skip
     evaluation = dict(dataset=dataset, validation=validation, features=store, split=eval_split,
-                      batch_size=eval_batch_size, experiment=experiment)  # fmt: skip
+                      batch_size=eval_batch_size, max_examples=eval_max_examples, experiment=experiment)  # fmt: skip
     with dsl.ParallelFor(tasks, name="tasks-pretrained") as task:
         tuned = _platform(
             finetune_op(task=task, init="pretrained", pretrained=pretrained, **common), gpu=True, shm=True

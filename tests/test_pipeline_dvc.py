@@ -22,10 +22,17 @@ TINY_PARAMS = {
     "data": {"source": "synthetic://shapes?seed=0&n=40&size=64"},
     "features": {"backend": "demo", "demo_epochs": 1, "demo_train_images": 20},
     "model": {"preset": "demo", "text_init": "minilm"},
-    "pretrain": {"epochs": 0.05, "batch_size": 4, "lr": 0.0002, "seed": 0, "checkpoint_every": 5},
-    "finetune": {"tasks": ["vqa", "refcoco+"], "seeds": [0], "epochs": 0.1, "batch_size": 4, "lr": 0.0001,
-                 "answer_min_count": 1},  # fmt: skip
-    "evaluate": {"split": "test", "batch_size": 16},
+    "pretrain": {"epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 0.0002, "seed": 0, "checkpoint_every": 5},
+    "finetune": {
+        "tasks": ["vqa", "refcoco+"],
+        "seeds": [0],
+        "epochs": 1,
+        "max_steps": 2,
+        "batch_size": 4,
+        "lr": 0.0001,
+        "answer_min_count": 1,
+    },  # fmt: skip
+    "evaluate": {"split": "test", "batch_size": 16, "max_examples": 20},
     "register": {"seed": 0},
     "tracking": {"experiment": "vilbert-dvc-test"},
 }

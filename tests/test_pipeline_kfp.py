@@ -31,6 +31,7 @@ TINY = [
     "answer_min_count=1",
     'tasks=["vqa","refcoco+"]',
     "eval_batch_size=16",
+    "eval_max_examples=20",
 ]
 
 
@@ -47,7 +48,11 @@ def test_committed_yaml_is_current_and_parses(tmp_path: Path) -> None:
     assert set(spec.root.input_definitions.parameters) == {f for f in PipelineParams.__dataclass_fields__}
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     pretrain = platform["exec-pretrain-op"]
-    assert pretrain["nodeSelector"] and pretrain["tolerations"] and pretrain["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert (
+        pretrain["nodeSelector"]
+        and pretrain["tolerations"]
+        and pretrain["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    )
     assert {s["secretName"] for s in pretrain["secretAsEnv"]} == {"vilbert-s3", "vilbert-mlflow-client"}
     assert pretrain["pvcMount"][0]["mountPath"] == "/data/checkpoints"
     images = {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
@@ -65,7 +70,7 @@ def test_kfp_cli_compiles_the_same_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("pairs", "message"),
     [
-        (["tasks=[\"vqa\",\"nlvr2\"]"], "tasks must be distinct names"),
+        (['tasks=["vqa","nlvr2"]'], "tasks must be distinct names"),
         (["launcher=slurm"], "launcher must be local or pytorchjob"),
         (["pretrain_epochs=0", "pretrain_max_steps=0"], "pretrain: set pretrain_epochs"),
         (["preset=huge"], "preset must be one of"),
@@ -87,7 +92,7 @@ def test_invalid_parameters_exit_before_running(tmp_path: Path) -> None:
 
 
 def test_parameters_coerce_numbers_for_kfp() -> None:
-    params = parse_params(["pretrain_epochs=1", "tasks=[\"vqa\"]"])
+    params = parse_params(["pretrain_epochs=1", 'tasks=["vqa"]'])
     assert isinstance(params.pretrain_epochs, float) and params.tasks == ["vqa"]
     assert params.arguments()["data_version"] == "uri:" + params.source
 
