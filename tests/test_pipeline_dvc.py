@@ -4,6 +4,7 @@ remote (moto's server on loopback)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -94,12 +95,14 @@ def test_tiny_pipeline_under_dvc_repro_then_noop_then_remote_round_trip(tmp_path
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_SITE_CACHE_DIR": str(tmp_path / "site"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):  # s3fs wants real (empty) files, not /dev/null
+        (tmp_path / name).write_text("")
+        env[name] = str(tmp_path / name)
     dvc(project, "repro", env=env)
     table = (project / "runs/table/table.md").read_text()
-    assert "VQA" in table and "RefCOCO+" in table and "Zero-shot" in table
+    assert "RefCOCO+" in table and "Zero-shot" in table
     assert (project / "dvc.lock").exists()
-    for task in ("vqa", "refcoco+"):
-        assert (project / f"runs/register/{task}.json").exists()
+    assert json.loads((project / "runs/register/refcoco+.json").read_text())["name"] == "vilbert-refcoco-plus"
 
     again = dvc(project, "repro", env=env)
     assert "Running stage" not in again.stdout, again.stdout
@@ -121,6 +124,6 @@ def test_tiny_pipeline_under_dvc_repro_then_noop_then_remote_round_trip(tmp_path
             dvc(clone, "remote", "modify", "local", "url", str(project / ".dvc-remote"), env=env)
         dvc(clone, "pull", "-r", remote, env=env)
         for rel in ("data/features/spec.json", "runs/pretrain/final/model.safetensors",
-                    "runs/finetune/vqa-pretrained-s0/final/config.json"):  # fmt: skip
+                    "runs/finetune/refcoco+-pretrained-s0/final/config.json"):  # fmt: skip
             assert (clone / rel).read_bytes() == (project / rel).read_bytes(), rel
         assert "up to date" in dvc(clone, "status", env=env).stdout.lower()

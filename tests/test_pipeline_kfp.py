@@ -29,7 +29,7 @@ TINY = [
     "finetune_max_steps=2",
     "finetune_batch_size=4",
     "answer_min_count=1",
-    'tasks=["vqa","refcoco+"]',
+    'tasks=["vqa"]',
     "eval_batch_size=16",
     "eval_max_examples=20",
 ]
@@ -110,14 +110,14 @@ def test_tiny_pipeline_runs_end_to_end_with_kfp_local(tmp_path: Path) -> None:
     tables = list((tmp_path / "root").rglob("table-op/table"))
     assert tables, "the table step left no Markdown artifact"
     text = tables[0].read_text()
-    assert "VQA" in text and "RefCOCO+" in text and "Zero-shot" in text
+    assert "VQA" in text and "Zero-shot" in text
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     names = {m.name for m in client.search_registered_models()}
-    assert {"vilbert-vqa", "vilbert-refcoco-plus"} <= names, names
+    assert "vilbert-vqa" in names, names
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = [r for r in runs if r.info.run_name == "pipeline-kfp-local"]
     assert parent and any(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs)
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("evaluation/metrics.json")]
-    assert len(metrics) == 5  # 2 tasks x (pretrained, scratch) + zero-shot
+    assert len(metrics) == 3  # (pretrained, scratch) + zero-shot
