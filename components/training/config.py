@@ -72,6 +72,8 @@ class TrainerConfig:
     """Show a progress bar on rank 0."""
     export_final: bool = True
     """Write ``output_dir/final/`` (a native checkpoint directory) at the end."""
+    tune_malloc: bool = True
+    """On CPU, tune glibc malloc for training (fewer page faults on large activations; +5-24% on paper-base)."""
     keep_checkpoints: bool = True
     """False: delete ``checkpoints/`` once the run has finished and ``final/`` is written (they serve resuming only)."""
 

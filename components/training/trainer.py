@@ -234,6 +234,8 @@ class Trainer:
         c = self.config
         if c.cpu_threads:
             torch.set_num_threads(c.cpu_threads)
+        if c.tune_malloc and device.type == "cpu":
+            _tune_malloc()
         ckpt.seed_everything(c.seed + info.rank)
         if info.is_main:
             c.output_dir.mkdir(parents=True, exist_ok=True)
@@ -418,6 +420,16 @@ class Trainer:
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _tune_malloc() -> None:
+    """glibc mallopt settings measured in benchmarks/training.py (no-op where libc is not glibc)."""
+    from model.bench import tune_malloc
+
+    try:
+        tune_malloc("tuned")
+    except OSError as exc:  # musl, macOS: nothing to tune
+        log.debug("malloc not tuned: %s", exc)
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
