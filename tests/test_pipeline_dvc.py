@@ -113,7 +113,7 @@ def test_tiny_pipeline_under_dvc_repro_then_noop_then_remote_round_trip(tmp_path
     git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "dvc.lock")
     git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "lock")
     dvc(project, "push", env=env)
-    dvc(project, "remote", "add", "s3", f"s3://{s3_bucket}/dvc", env=env)
+    dvc(project, "remote", "add", "s3", f"{s3_bucket}/dvc", env=env)
     dvc(project, "remote", "modify", "s3", "endpointurl", os.environ["AWS_ENDPOINT_URL"], env=env)
     dvc(project, "push", "-r", "s3", env=env)
     for remote in ("local", "s3"):
