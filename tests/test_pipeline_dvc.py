@@ -81,7 +81,7 @@ def make_project(base: Path) -> Path:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, project / rel)
     (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
-    (project / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/.dvc-remote/\n")
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")  # as in this repository: data/ and runs/ are ignored
     git(project, "init", "-q")
     git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", ".")
     git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "project")
