@@ -30,6 +30,8 @@ def _setup(
     import logging
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 #: Reference vectors made with the original code (a copy of shared/reference/vilbert ships with the tests).

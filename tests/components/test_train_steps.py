@@ -164,5 +164,7 @@ def test_unreachable_mlflow_server_training_finishes_and_keeps_everything(world:
     fallback = [json.loads(line) for line in (out / "tracking_fallback.jsonl").read_text().splitlines()]
     kinds = [row["kind"] for row in fallback]
     assert kinds[0] == "degraded" and "metrics" in kinds and "params" in kinds
-    steps = [row["data"]["step"] for row in fallback if row["kind"] == "metrics" and "train/loss" in row["data"]["values"]]
+    steps = [
+        row["data"]["step"] for row in fallback if row["kind"] == "metrics" and "train/loss" in row["data"]["values"]
+    ]
     assert steps == [1, 2, 3]
