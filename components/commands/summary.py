@@ -41,7 +41,8 @@ def summary_command(
         for version in client.search_model_versions(f"name='{model.name}'"):
             names = ", ".join(a for a, v in aliases.items() if str(v) == str(version.version)) or "-"
             tags = version.tags or {}
-            metric = next((f"{k.split('.', 1)[1]}={v}" for k, v in tags.items() if k.startswith("metric.")), "-")
+            value = tags.get("metric.value")
+            metric = f"{tags.get('metric.name', '?')} = {float(value):.1f}" if value else "-"
             listing.add_row(model.name, str(version.version), names, metric, tags.get("gate.decision", "-"))
     console.print(listing if models else "[yellow]no registered models yet[/]")
     console.print(
