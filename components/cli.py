@@ -234,6 +234,9 @@ def presets() -> None:
 
 
 # --- step commands (one registration line per step module) ---
+from components.commands.pipeline import pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline")
 from components.commands.summary import summary_command  # noqa: E402
 
 app.command("summary")(summary_command)
