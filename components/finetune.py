@@ -30,6 +30,7 @@ from components.steps import (
     run_on_processes,
     sha256_of,
     tracking_key,
+    train_tracked,
     write_json,
 )
 from components.training.config import TrainerConfig
@@ -182,12 +183,9 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One rank's fine-tuning."""
     import torch
 
-    from components.data.collate import Collator, model_inputs
+    from components.data.collate import model_inputs
     from components.data.regions import RegionSource
-    from components.data.sampler import ResumableDistributedSampler
     from components.data.tasks import TASKS, AnswerVocab, TaskFiles
-    from components.tracking import Tracker, TrackingConfig
-    from components.training import Trainer
     from components.training.distributed import dist_info_from_env
 
     config: FinetuneConfig = payload["config"]
@@ -200,52 +198,16 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     files = TaskFiles(config.dataset, config.validation)
     dataset = build_task_dataset(config.task, files, regions, tokenizer, config.split, config.text_length,
                                  config.trainer.seed, vocab)  # fmt: skip
-    sampler = ResumableDistributedSampler(dataset, seed=config.trainer.seed, drop_last=True)
     spec = TASKS[config.task]
 
     def loss_fn(model, batch):
         out = model(**model_inputs(batch), heads=spec.heads)
         return spec.loss(out, batch), {}
 
-    tracking = TrackingConfig(
-        experiment=config.tracking.experiment,
-        run_name=config.tracking.run_name or f"finetune-{config.task}-{config.init_kind}",
-        output_dir=config.output,
-        tracking_uri=config.tracking.tracking_uri,
-        tags={
-            "step": "finetune",
-            "task": config.task,
-            "init": config.init_kind,
-            "seed": str(config.trainer.seed),
-            **config.tracking.tags,
-        },  # fmt: skip
-        resume_key=payload["tracking_key"],
-        enabled=config.tracking.enabled,
-    )
-    with Tracker(tracking, rank=info.rank) as tracker:
-        if info.is_main:
-            tracker.log_config(config.to_dict(), name="finetune_config.json")
-            tracker.log_params(config.to_dict())
-            tracker.log_params(dataset.report.to_dict(), prefix="data")
-            tracker.log_lineage(data_hash=payload["data_hash"], feature_spec_hash=payload["feature_spec_hash"])
-            tracker.set_tags({"lineage.init_from": str(config.init_path)})
-        trainer = Trainer(
-            config.trainer,
-            model,
-            dataset,
-            Collator(pad_token_id=tokenizer.pad_token_id),
-            loss_fn,
-            sampler=sampler,
-            tracker=tracker if info.is_main else None,
-            tokenizer=tokenizer,
-            feature_spec=payload["feature_spec"],
-            data_hash=payload["data_hash"],
-            feature_spec_hash=payload["feature_spec_hash"],
-        )
-        result = trainer.train()
-        if info.is_main:
-            tracker.log_metrics({"final/loss": result.final_loss, "final/samples_per_s": result.samples_per_s})
-        return {"train": result.to_dict(), "tracking_run_id": tracker.run_id}
+    tags = {"task": config.task, "init": config.init_kind, "seed": str(config.trainer.seed)}
+    return train_tracked("finetune", config, payload, model, dataset, tokenizer, loss_fn,
+                         run_name=f"finetune-{config.task}-{config.init_kind}", tags=tags,
+                         lineage_tags={"lineage.init_from": str(config.init_path)})  # fmt: skip
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
@@ -306,7 +268,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     out = run_on_processes(_worker, payload, config.nproc, config.max_restarts, log_dir=output / "logs")
     train = out["train"]
     write_json(output / STEP_FILE, {**step, "tracking_run_id": out["tracking_run_id"]})
-    write_json(output / RESULT_FILE, {**train, "metrics": train["metrics"]})
+    write_json(output / RESULT_FILE, train)
     return FinetuneResult(
         task=config.task,
         output=output,

@@ -29,6 +29,7 @@ from components.steps import (
     run_on_processes,
     sha256_of,
     tracking_key,
+    train_tracked,
     write_json,
 )
 from components.training.config import TrainerConfig
@@ -122,12 +123,9 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One rank's pretraining (this process, a torchrun worker, or a PyTorchJob pod)."""
     import torch
 
-    from components.data.collate import Collator
+    from components.data.collate import model_inputs
     from components.data.pretraining import PretrainingDataset
     from components.data.regions import RegionSource
-    from components.data.sampler import ResumableDistributedSampler
-    from components.tracking import Tracker, TrackingConfig
-    from components.training import Trainer
     from components.training.distributed import dist_info_from_env
     from model import ViLBertForPretraining
     from model.checkpoint import load_bert_text_stream
@@ -145,56 +143,15 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     tokenizer = resolve_tokenizer(config.tokenizer, config.text_init)
     regions = RegionSource(config.features, mconfig, max_regions=config.max_regions)
     dataset = PretrainingDataset(payload["captions"], regions, tokenizer, config.data)
-    sampler = ResumableDistributedSampler(dataset, seed=config.trainer.seed, drop_last=True)
-    collate = Collator(pad_token_id=tokenizer.pad_token_id)
 
     def loss_fn(model, batch):
-        from components.data.collate import model_inputs
-
         out = model(**model_inputs(batch))
         parts = {name.removesuffix("_loss"): getattr(out, name) for name in LOSS_PARTS}
         return out.loss, {k: float(v.detach()) for k, v in parts.items() if v is not None}
 
-    tracking = TrackingConfig(
-        experiment=config.tracking.experiment,
-        run_name=config.tracking.run_name or "pretrain",
-        output_dir=config.output,
-        tracking_uri=config.tracking.tracking_uri,
-        tags={
-            "step": "pretrain",
-            "preset": config.preset,
-            "init": "bert" if bert else "random",
-            **config.tracking.tags,
-        },  # fmt: skip
-        resume_key=payload["tracking_key"],
-        enabled=config.tracking.enabled,
-    )
-    with Tracker(tracking, rank=info.rank) as tracker:
-        if info.is_main:
-            tracker.log_config(config.to_dict(), name="pretrain_config.json")
-            tracker.log_params(config.to_dict(), prefix="")
-            tracker.log_params({"rows": dataset.report.rows, "kept": dataset.report.kept, **dataset.report.to_dict()},
-                               prefix="data")  # fmt: skip
-            tracker.log_lineage(data_hash=payload["data_hash"], feature_spec_hash=payload["feature_spec_hash"])
-        trainer = Trainer(
-            config.trainer,
-            model,
-            dataset,
-            collate,
-            loss_fn,
-            sampler=sampler,
-            tracker=tracker if info.is_main else None,
-            tokenizer=tokenizer,
-            feature_spec=payload["feature_spec"],
-            data_hash=payload["data_hash"],
-            feature_spec_hash=payload["feature_spec_hash"],
-        )
-        result = trainer.train()
-        out = {"train": result.to_dict(), "tracking_run_id": tracker.run_id, "rank": info.rank}
-        if info.is_main and result.final_dir is not None:
-            tracker.log_metrics({"final/loss": result.final_loss, "final/samples_per_s": result.samples_per_s})
-            tracker.log_artifact(result.final_dir / "config.json", artifact_path="final")
-        return out
+    tags = {"preset": config.preset, "init": "bert" if bert else "random"}
+    return train_tracked("pretrain", config, payload, model, dataset, tokenizer, loss_fn, run_name="pretrain",
+                         tags=tags, log_final_config=True)  # fmt: skip
 
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
@@ -235,7 +192,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     train = out["train"]
     metrics = train["metrics"]
     write_json(output / STEP_FILE, {**step, "tracking_run_id": out["tracking_run_id"]})
-    write_json(output / RESULT_FILE, {**train, "metrics": metrics})
+    write_json(output / RESULT_FILE, train)
     return PretrainResult(
         output=output,
         final_dir=Path(train["final_dir"]) if train["final_dir"] else None,

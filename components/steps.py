@@ -182,6 +182,69 @@ def write_json_text(path: Path, text: str) -> None:
     storage.atomic_write_local(Path(path), lambda f: f.write(text.encode()))
 
 
+def train_tracked(
+    step: str,
+    config: Any,
+    payload: Mapping[str, Any],
+    model: Any,
+    dataset: Any,
+    tokenizer: Any,
+    loss_fn: Callable[..., Any],
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    lineage_tags: Mapping[str, str] | None = None,
+    log_final_config: bool = False,
+) -> dict[str, Any]:
+    """One rank's training run of a step, recorded in MLflow from rank 0: the step config (``config.trainer``,
+    ``config.tracking``, ``config.output``, ``config.to_dict()``), the dataset report, lineage, the trainer's
+    metrics.  ``payload`` carries what ``run_*`` computed once: tracking_key, data / feature-spec hashes, the
+    feature spec.  Returns ``{"train": TrainResult.to_dict(), "tracking_run_id"}``."""
+    from components.data.collate import Collator
+    from components.data.sampler import ResumableDistributedSampler
+    from components.tracking import Tracker, TrackingConfig
+    from components.training import Trainer
+    from components.training.distributed import dist_info_from_env
+
+    info = dist_info_from_env()
+    tracking = TrackingConfig(
+        experiment=config.tracking.experiment,
+        run_name=config.tracking.run_name or run_name,
+        output_dir=config.output,
+        tracking_uri=config.tracking.tracking_uri,
+        tags={"step": step, **tags, **config.tracking.tags},
+        resume_key=payload["tracking_key"],
+        enabled=config.tracking.enabled,
+    )
+    with Tracker(tracking, rank=info.rank) as tracker:
+        if info.is_main:
+            tracker.log_config(config.to_dict(), name=f"{step}_config.json")
+            tracker.log_params(config.to_dict())
+            tracker.log_params(dataset.report.to_dict(), prefix="data")
+            tracker.log_lineage(data_hash=payload["data_hash"], feature_spec_hash=payload["feature_spec_hash"])
+            if lineage_tags:
+                tracker.set_tags(dict(lineage_tags))
+        trainer = Trainer(
+            config.trainer,
+            model,
+            dataset,
+            Collator(pad_token_id=tokenizer.pad_token_id),
+            loss_fn,
+            sampler=ResumableDistributedSampler(dataset, seed=config.trainer.seed, drop_last=True),
+            tracker=tracker if info.is_main else None,
+            tokenizer=tokenizer,
+            feature_spec=payload["feature_spec"],
+            data_hash=payload["data_hash"],
+            feature_spec_hash=payload["feature_spec_hash"],
+        )
+        result = trainer.train()
+        if info.is_main:
+            tracker.log_metrics({"final/loss": result.final_loss, "final/samples_per_s": result.samples_per_s})
+            if log_final_config and result.final_dir is not None:
+                tracker.log_artifact(result.final_dir / "config.json", artifact_path="final")
+        return {"train": result.to_dict(), "tracking_run_id": tracker.run_id}
+
+
 def run_on_processes(
     worker: Callable[[dict[str, Any]], dict[str, Any]],
     payload: dict[str, Any],

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components import storage
 from components.steps import StepError, TrackingOptions, write_json
 
 TASK_ORDER = ("vqa", "vcr", "refcoco+", "retrieval")
@@ -164,8 +165,7 @@ def run_table(config: TableConfig) -> TableResult:
         "sources": [str(f) for f in files],
     }
     write_json(out / "table.json", data)
-    (out / "table.md.tmp").write_text(markdown)
-    (out / "table.md.tmp").replace(out / "table.md")
+    storage.atomic_write_local(out / "table.md", lambda f: f.write(markdown.encode()))
     tracking = TrackingConfig(
         experiment=config.tracking.experiment,
         run_name=config.tracking.run_name or "paper-table",

@@ -22,6 +22,7 @@ PUBLISHED = ("final", "step.json", "result.json")
 
 
 def _pretrain_config(options: dict[str, Any], output: str) -> Any:
+    """The step's PretrainConfig; checkpoints are dropped once final/ is written (the artifact is the model)."""
     from components.data.pretraining import PretrainingDataConfig
     from components.pretrain import PretrainConfig
     from components.steps import TrackingOptions
@@ -44,6 +45,7 @@ def _pretrain_config(options: dict[str, Any], output: str) -> Any:
             seed=options["seed"],
             checkpoint_every=options["checkpoint_every"],
             progress=False,
+            keep_checkpoints=False,
         ),  # fmt: skip
         tracking=TrackingOptions(experiment=options["experiment"]),
     )
@@ -54,7 +56,6 @@ def pretrain_in_step(options: dict[str, Any], output: str) -> dict[str, Any]:
     from components.pretrain import run_pretrain
 
     result = run_pretrain(_pretrain_config(options, output))
-    shutil.rmtree(Path(output) / "checkpoints", ignore_errors=True)  # the artifact is the model, not the resume state
     return {"steps": result.steps, "loss": result.final_loss, "mlflow_run": result.tracking_run_id or ""}
 
 
