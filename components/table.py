@@ -159,7 +159,7 @@ def run_table(config: TableConfig) -> TableResult:
         if (t, "pretrained") in cells and (t, "scratch") in cells
     }
     out = Path(config.output)
-    data = {
+    data: dict[str, Any] = {
         "cells": {f"{t}/{row}": c.to_dict() for (t, row), c in sorted(cells.items())},
         "gains": gains,
         "sources": [str(f) for f in files],

@@ -170,15 +170,18 @@ class PipelineParams:
 
 
 def data_version(source: str) -> str:
-    """The identity of the data behind ``source``, for ingest's cache key: the S3 ETag of an object source,
-    the DVC hash of a DVC-tracked folder, else the source URI itself (synthetic:// worlds are deterministic)."""
+    """The identity of the data behind ``source``, for ingest's cache key: a hash of the ETags below an S3
+    prefix, the DVC hash of a DVC-tracked folder, else the source URI itself (synthetic:// worlds are
+    deterministic)."""
+    import hashlib
+
     from components import storage
 
     if storage.is_s3(source):
-        try:
-            return "etag:" + storage.head(source).get("ETag", "").strip('"')
-        except Exception:
-            return "uri:" + source
+        files = sorted((f.path, f.etag or "") for f in storage.list_file_info(source))
+        if files:
+            return "etag:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()
+        return "uri:" + source
     lock = ROOT / "dvc.lock"
     if Path(source).exists() and lock.exists():
         import yaml

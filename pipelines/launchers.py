@@ -37,7 +37,7 @@ def _pretrain_config(options: dict[str, Any], output: str) -> Any:
         data=PretrainingDataConfig(seed=options["seed"]),
         nproc=options["nproc"],
         trainer=TrainerConfig(
-            output_dir=output,
+            output_dir=Path(output),
             epochs=options["epochs"] or None,
             max_steps=options["max_steps"] or None,
             batch_size=options["batch_size"],

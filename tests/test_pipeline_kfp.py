@@ -121,3 +121,15 @@ def test_tiny_pipeline_runs_end_to_end_with_kfp_local(tmp_path: Path) -> None:
     assert parent and any(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs)
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("evaluation/metrics.json")]
     assert len(metrics) == 3  # (pretrained, scratch) + zero-shot
+
+
+def test_data_version_of_an_s3_source_follows_its_content(s3_bucket: str) -> None:
+    from components import storage
+    from pipelines.full import data_version
+
+    storage.write_bytes(f"{s3_bucket}/cc/train.tsv", b"caption\turl\n")
+    first = data_version(f"{s3_bucket}/cc")
+    assert first.startswith("etag:") and first == data_version(f"{s3_bucket}/cc")
+    storage.write_bytes(f"{s3_bucket}/cc/train.tsv", b"caption\turl\nanother\trow\n")
+    assert data_version(f"{s3_bucket}/cc") != first
+    assert data_version(f"{s3_bucket}/nothing-here") == f"uri:{s3_bucket}/nothing-here"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -69,7 +70,7 @@ def trainer_config(output: str, **options: Any) -> Any:
     threads = options.pop("threads")
     warmup = options.pop("warmup")
     return TrainerConfig(
-        output_dir=output,
+        output_dir=Path(output),
         clip_norm=clip or None,
         cpu_threads=threads,
         warmup_fraction=warmup,
