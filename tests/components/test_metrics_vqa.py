@@ -1,5 +1,6 @@
 """VQA accuracy against hand-computed cases: the official normalisation rules one by one, the 10-choose-9
-averaging recomputed from its definition, and the per-type aggregation."""
+averaging recomputed from its definition, the per-type aggregation and the chance level.  (The cases scored
+by the official script itself are checked in test_metrics_official.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from itertools import combinations
 import pytest
 
 from components.metrics import normalize_answer, process_punctuation, vqa_accuracy, vqa_scores
-
-RQ = "\u2019"  # the typographic apostrophe of the official contractions map
 
 # (prediction, normalised) worked out by hand from the rules in components/metrics/vqa.py's docstring.
 NORMALISATION = [
@@ -21,12 +20,12 @@ NORMALISATION = [
     ("A Dog", "dog"),
     ("an apple", "apple"),
     ("theater", "theater"),  # whole words only
-    ("dont", f"don{RQ}t"),  # the contractions map, with its U+2019 apostrophe
-    ("weve", "we've"),  # ... and one of its few ASCII-apostrophe values
-    ("don't", "don t"),  # "'" is punctuation: no space next to it, so it becomes a space
-    ("what's", "what s"),
+    ("dont", "don't"),  # the contractions map (ASCII apostrophes at the followed commit)
+    ("weve", "we've"),
+    ("Im", "im"),  # the map's key "Im" can never match after lower-casing
+    ("don't", "don't"),  # "'" is not in the punctuation list
+    ("12:30", "12:30"),  # nor is ":"
     ("3.5", "3.5"),  # a period before a digit stays
-    ("35", "35"),
     ("yes.", "yes"),  # a period before a non-digit goes
     ("3.", "3"),
     ("a.b", "ab"),
@@ -36,7 +35,9 @@ NORMALISATION = [
     ("1,000 dogs,cats", "1000 dogscats"),  # ... even commas far from the digits
     ("yes ?", "yes"),
     ("(yes)", "yes"),
-    ("red-white!", "red-white!"),  # "-" and "!" are not in the script's list
+    ("red-white!", "red white"),  # "-" and "!" are in the list: no space next to them, so spaces
+    ("red - white", "red white"),  # " -" touches a space: deleted
+    ("{yes}", "yes"),
     ("  Yes\n", "yes"),  # whitespace, newline
     ("black\tand  white", "black and white"),
     ("x" + "." * 40, "x" + "." * 8),  # the script deletes at most 32 periods (re.UNICODE passed as count)
@@ -50,7 +51,6 @@ def test_normalize_answer_follows_the_official_rules(raw: str, expected: str) ->
 
 
 def test_process_punctuation_alone_keeps_case_words_and_articles() -> None:
-    # What the human answers get: punctuation only.
     assert process_punctuation("The Two dogs.") == "The Two dogs"
     assert process_punctuation("10,000") == "10000"
 
@@ -80,28 +80,43 @@ def test_ten_choose_nine_averaging(matching: int, hand_computed: float) -> None:
     assert vqa_accuracy("cat", humans) == pytest.approx(hand_computed)
 
 
-def test_prediction_is_normalised_before_matching() -> None:
+def test_prediction_and_humans_are_normalised_when_the_humans_disagree() -> None:
     humans = ["2"] * 4 + ["3"] * 6
     assert vqa_accuracy("Two", humans) == 1.0
     assert vqa_accuracy("two.", humans) == 1.0
-    assert vqa_accuracy("3.5", ["35"] * 10) == 0.0
     assert vqa_accuracy("The dog", ["dog"] * 2 + ["cat"] * 8) == pytest.approx(0.6)
-
-
-def test_human_answers_get_punctuation_processing_only_and_only_when_they_differ() -> None:
-    # Official quirk 1: a human "two" is not mapped to "2", so it never matches a (normalised) prediction.
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0
-    assert vqa_accuracy("2", ["two"] * 7 + ["2"] * 3) == pytest.approx(0.9)
-    # Official quirk 2: when all ten answers are identical they are compared raw ("yes." stays "yes.") ...
-    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    # ... when they differ, punctuation is processed ("yes." -> "yes").
+    # the human answers get the same processing: a human "two" is a "2"
+    assert vqa_accuracy("2", ["two"] * 7 + ["2"] * 3) == 1.0
     assert vqa_accuracy("yes", ["yes."] * 5 + ["no"] * 5) == 1.0
+
+
+def test_all_identical_humans_are_compared_with_the_raw_prediction() -> None:
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0  # no lower-casing
+    assert vqa_accuracy("two", ["two"] * 10) == 1.0  # no number words
+    assert vqa_accuracy("2", ["two"] * 10) == 0.0
+    assert vqa_accuracy("yes.", ["yes"] * 10) == 0.0  # no punctuation step
+    assert vqa_accuracy("  yes\t", ["yes"] * 10) == 1.0  # but whitespace is stripped
+    # humans that differ only in surrounding whitespace count as identical
+    assert vqa_accuracy("Yes", ["yes "] * 5 + ["yes"] * 5) == 0.0
+    assert vqa_accuracy("yes", ["yes "] * 5 + ["yes"] * 5) == 1.0
 
 
 def test_human_answers_may_be_vqa_answer_dicts() -> None:
     answers = [{"answer": "red", "answer_confidence": "yes", "answer_id": i} for i in range(1, 4)]
     answers += [{"answer": "blue", "answer_confidence": "maybe", "answer_id": i} for i in range(4, 11)]
     assert vqa_accuracy("red", answers) == pytest.approx(0.9)
+
+
+def test_equal_answer_dicts_are_left_out_together() -> None:
+    # Without ids, leaving out one {"answer": "red"} drops all three: 3 x min(0/3, 1) + 7 x min(3/3, 1).
+    answers = [{"answer": "red"}] * 3 + [{"answer": "blue"}] * 7
+    assert vqa_accuracy("red", answers) == pytest.approx(0.7)
+    # Dicts become equal after processing ("Red" and "red" both "red" once the humans disagree).
+    answers = [{"answer": "Red"}, {"answer": "red"}, {"answer": "red"}] + [{"answer": "blue"}] * 7
+    assert vqa_accuracy("red", answers) == pytest.approx(0.7)
+    # Unhashable values are compared pairwise, with the same result.
+    answers = [{"answer": a, "tags": [a]} for a in ["red"] * 3 + ["blue"] * 7]
+    assert vqa_accuracy("red", answers) == pytest.approx(0.7)
 
 
 def test_empty_or_bad_human_answers_are_refused() -> None:
@@ -134,12 +149,29 @@ ANNOTATIONS = {
 def test_vqa_scores_overall_per_type_and_per_question() -> None:
     predictions = {1: "Yes", 2: "two", 3: "red", 4: "yes"}
     scores = vqa_scores(predictions, ANNOTATIONS)
-    # hand: q1 1.0, q2 0.6 ("two" -> "2", 2 humans), q3 0.9, q4 0.0
-    assert scores["per_question"] == pytest.approx({1: 1.0, 2: 0.6, 3: 0.9, 4: 0.0})
-    assert scores["accuracy"] == pytest.approx((1.0 + 0.6 + 0.9 + 0.0) / 4)
-    assert scores["per_answer_type"] == pytest.approx({"number": 0.6, "other": 0.9, "yes/no": 0.5})
-    assert scores["per_question_type"] == pytest.approx({"how many": 0.6, "is the": 0.5, "what color is the": 0.9})
+    # hand: q1 0.0 ("Yes" raw against ten "yes"), q2 0.6 ("two" -> "2", 2 humans), q3 0.9, q4 0.0
+    assert scores["per_question"] == pytest.approx({1: 0.0, 2: 0.6, 3: 0.9, 4: 0.0})
+    assert scores["accuracy"] == pytest.approx((0.0 + 0.6 + 0.9 + 0.0) / 4)
+    assert scores["per_answer_type"] == pytest.approx({"number": 0.6, "other": 0.9, "yes/no": 0.0})
+    assert scores["per_question_type"] == pytest.approx({"how many": 0.6, "is the": 0.0, "what color is the": 0.9})
     assert scores["num_questions"] == 4
+
+
+def test_vqa_chance_is_the_expected_accuracy_of_a_uniform_vocabulary_answer() -> None:
+    predictions = {1: "yes", 2: "3", 3: "red", 4: "no"}
+    # hand, vocabulary of 5: q1 "yes" 1 -> 1/5; q2 "2" 0.6 + "3" 1 -> 1.6/5; q3 "red" 0.9 -> 0.9/5; q4 "no" 1/5
+    scores = vqa_scores(predictions, ANNOTATIONS, answer_vocabulary=["yes", "no", "2", "3", "red"])
+    assert scores["chance"] == pytest.approx((1 + 1.6 + 0.9 + 1) / 5 / 4)
+    assert scores["chance_vocabulary_size"] == 5
+    # the all-identical questions compare raw: a vocabulary "Yes" earns nothing on ten "yes"
+    scores = vqa_scores(predictions, ANNOTATIONS, answer_vocabulary=["Yes", "no", "2", "3", "red", "red"])
+    assert scores["chance"] == pytest.approx((0 + 1.6 + 0.9 + 1) / 5 / 4)  # the repeated "red" counts once
+    # default vocabulary: the 6 distinct human answers (yes, 2, 3, red, dark red, no); q3 adds "dark red" 1.0
+    scores = vqa_scores(predictions, ANNOTATIONS)
+    assert scores["chance"] == pytest.approx((1 + 1.6 + 1.9 + 1) / 6 / 4)
+    assert scores["chance_vocabulary_size"] == 6
+    with pytest.raises(ValueError, match="empty"):
+        vqa_scores(predictions, ANNOTATIONS, answer_vocabulary=[])
 
 
 def test_vqa_scores_accepts_a_list_or_a_mapping_of_entries() -> None:
