@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components.metrics import vqa_accuracy, vqa_scores
+from components.metrics import (
+    box_iou,
+    grounding_scores,
+    retrieval_scores,
+    vcr_q2ar_scores,
+    vcr_scores,
+    vqa_accuracy,
+    vqa_scores,
+    xywh_to_xyxy,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "metrics"
 TOLERANCE = 1e-9
@@ -98,3 +107,90 @@ def test_each_rule_that_used_to_differ(rule: str, prediction: str, answers: list
     assert match, f"{rule}: no official output stored for this case"
     assert match[0]["official_percent"] == official_percent
     assert 100 * vqa_accuracy(prediction, answers) == pytest.approx(official_percent, abs=TOLERANCE)
+
+
+# --- VCR: script/VCR_Q_AR_evaluation.py
+
+
+VCR_SETS = _jsonl("vcr_vilbert.jsonl")
+
+
+def test_the_stored_vcr_sets_are_the_generators() -> None:
+    assert [{k: v for k, v in s.items() if k != "official"} for s in VCR_SETS] == _module("vcr_cases").vcr_sets()
+
+
+@pytest.mark.parametrize("case", VCR_SETS, ids=lambda case: case["id"])
+def test_vcr_accuracies_agree_with_the_original_script(case: dict[str, Any]) -> None:
+    result = vcr_q2ar_scores(
+        case["answer_scores"], case["answer_labels"], case["rationale_scores"], case["rationale_labels"]
+    )
+    official = case["official"]
+    assert result["q2a"]["accuracy"] == pytest.approx(official["Q_A_accuracy"], abs=TOLERANCE)
+    assert result["qa2r"]["accuracy"] == pytest.approx(official["QA_R_accuracy"], abs=TOLERANCE)
+    assert result["q2ar"]["accuracy"] == pytest.approx(official["Q_AR_accuracy"], abs=TOLERANCE)
+    assert vcr_scores(case["answer_scores"], case["answer_labels"])["accuracy"] == result["q2a"]["accuracy"]
+
+
+# --- RefCOCO+: vilbert/datasets/refer_expression_dataset.py iou + task_utils.py V-logit
+
+
+GROUNDING = _jsonl("grounding_vilbert.jsonl")
+
+
+def test_the_stored_grounding_cases_are_the_generators() -> None:
+    stored = [{k: v for k, v in c.items() if k != "official"} for c in GROUNDING]
+    assert stored == _module("grounding_cases").grounding_cases()
+
+
+def test_grounding_agrees_with_the_original_iou_and_decision_case_for_case() -> None:
+    chosen = [int(np.argmax(c["logits"])) for c in GROUNDING]
+    assert chosen == [c["official"]["chosen"] for c in GROUNDING]
+    result = grounding_scores(
+        [c["candidates"][i] for c, i in zip(GROUNDING, chosen, strict=True)],
+        [xywh_to_xyxy(c["ref_xywh"]) for c in GROUNDING],
+        candidate_boxes=[c["candidates"] for c in GROUNDING],
+    )
+    np.testing.assert_allclose(result["iou"], [c["official"]["iou"] for c in GROUNDING], rtol=0, atol=TOLERANCE)
+    assert result["correct"] == [c["official"]["correct"] for c in GROUNDING]
+    # chance: the share of each expression's candidates the original would count as correct (IoU > 0.5)
+    shares = [np.mean([v > 0.5 for v in c["official"]["candidate_iou"]]) for c in GROUNDING]
+    assert result["chance"] == pytest.approx(float(np.mean(shares)), abs=TOLERANCE)
+    for case in GROUNDING:  # every candidate's IoU, not only the chosen one's
+        truth = np.repeat(xywh_to_xyxy([case["ref_xywh"]]), len(case["candidates"]), axis=0)
+        np.testing.assert_allclose(
+            box_iou(case["candidates"], truth), case["official"]["candidate_iou"], rtol=0, atol=TOLERANCE
+        )
+
+
+def test_the_continuous_convention_would_disagree_with_the_original() -> None:
+    # Why the default is the original's: the old continuous, >= 0.5 rule decides some stored cases otherwise.
+    chosen = [c["candidates"][int(np.argmax(c["logits"]))] for c in GROUNDING]
+    truths = [xywh_to_xyxy(c["ref_xywh"]) for c in GROUNDING]
+    continuous = grounding_scores(chosen, truths, convention="continuous")["correct"]
+    assert sum(a != c["official"]["correct"] for a, c in zip(continuous, GROUNDING, strict=True)) > 0
+
+
+# --- retrieval: eval_retrieval.py
+
+
+RETRIEVAL = _jsonl("retrieval_vilbert.jsonl")
+
+
+def test_the_stored_retrieval_cases_are_the_generators() -> None:
+    generated = _module("retrieval_cases").small_cases()
+    assert [{k: v for k, v in c.items() if k != "official"} for c in RETRIEVAL if "scores" in c] == generated
+
+
+@pytest.mark.parametrize("case", RETRIEVAL, ids=lambda case: case["id"])
+def test_image_retrieval_agrees_with_the_original_ranking(case: dict[str, Any]) -> None:
+    if "scores" in case:
+        scores, caption_image = np.array(case["scores"]), np.array(case["caption_image"])
+    else:
+        scores, caption_image = getattr(_module("retrieval_cases"), case["generator"])()
+    result = retrieval_scores(scores, caption_image)["image_retrieval"]
+    official = case["official"]
+    assert result["ranks"] == [rank + 1 for rank in official["rank0"]]  # the original's ranks are 0-based
+    for k in (1, 5, 10):
+        assert 100 * result[f"recall_at_{k}"] == pytest.approx(official[f"r{k}"], abs=TOLERANCE)
+    assert result["median_rank"] == official["medr"]
+    assert result["mean_rank"] == pytest.approx(official["meanr"], abs=TOLERANCE)
