@@ -196,19 +196,27 @@ def _bert_weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no BERT weights (model.safetensors or pytorch_model.bin) in {folder}")
 
 
-def check_bert_config(folder: str | Path, config: ViLBertConfig) -> None:
-    """Raise if the BERT checkpoint's architecture differs from the text-stream config."""
+def check_bert_config(folder: str | Path, config: ViLBertConfig) -> int:
+    """Raise if the BERT checkpoint's architecture differs from the text-stream config; return its depth.
+
+    The text stream may be SHALLOWER than the checkpoint (it then takes the checkpoint's first
+    ``text.num_layers`` layers); every other field must be equal.
+    """
     path = Path(folder) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no config.json in BERT folder {folder}")
     bert = json.loads(path.read_text())
+    depth = int(bert.get("num_hidden_layers", config.text.num_layers))
     diffs = [
         f"{theirs}={bert[theirs]} vs text.{ours}={getattr(config.text, ours)}"
         for theirs, ours in _BERT_CONFIG_CHECKS.items()
-        if theirs in bert and bert[theirs] != getattr(config.text, ours)
+        if theirs in bert and theirs != "num_hidden_layers" and bert[theirs] != getattr(config.text, ours)
     ]
+    if config.text.num_layers > depth:
+        diffs.append(f"num_hidden_layers={depth} < text.num_layers={config.text.num_layers}")
     if diffs:
         raise CheckpointMismatch(f"BERT checkpoint {folder} does not fit the text stream: " + "; ".join(diffs))
+    return depth
 
 
 def load_bert_text_stream(model: ViLBertModule, folder: str | Path) -> LoadReport:
@@ -216,17 +224,21 @@ def load_bert_text_stream(model: ViLBertModule, folder: str | Path) -> LoadRepor
     checkpoint has one) from a BERT checkpoint directory: config.json + safetensors or bin.
 
     Every text-stream weight must be present (else :class:`CheckpointMismatch`); the BERT pooler and NSP
-    head do not fit ViLBERT's heads and are reported as ignored.
+    head do not fit ViLBERT's heads and are reported as ignored.  A text stream with fewer layers than the
+    checkpoint takes its first ``text.num_layers`` layers (the rest are reported as ignored): a cheaper
+    stream that still starts from pretrained BERT weights.
     """
     folder = Path(folder)
-    check_bert_config(folder, model.config)
+    depth = check_bert_config(folder, model.config)
+    kept_layers = model.config.text.num_layers
     raw = read_state_dict(_bert_weights_file(folder))
     state = {}
     for key, value in raw.items():  # BertModel saves "embeddings.*", BertForPreTraining "bert.embeddings.*"
         if not key.startswith(("bert.", "cls.")):
             key = "bert." + key
         state[key] = value
-    ignored = [k for k in state if k.startswith(_BERT_IGNORED)]
+    dropped = tuple(f"bert.encoder.layer.{i}." for i in range(kept_layers, depth))
+    ignored = [k for k in state if k.startswith(_BERT_IGNORED) or (dropped and k.startswith(dropped))]
     state = {k: v for k, v in state.items() if k not in ignored}
     heads = "pretraining" if isinstance(model, ViLBertForTasks) else "heads"
     prefixes: tuple[str, ...] = ("vilbert.text_embeddings.", "vilbert.encoder.text_layers.")

@@ -293,9 +293,13 @@ def refs_items(facts: SceneFacts, rng: np.random.Generator, per_image: int) -> l
 # ---------------------------------------------------------------- VCR-style multiple choice
 
 
-def _fake_descs(scene: Scene, rng: np.random.Generator, like: Desc) -> list[Desc]:
-    """Phrases shaped like ``like`` (one attribute changed) that fit no object: plausible, but wrong."""
-    fakes = [Desc(like.shape, c, like.size) for c in COLOURS] + [Desc(s, like.colour, like.size) for s in SHAPES]
+def _fake_descs(scene: Scene, rng: np.random.Generator) -> list[Desc]:
+    """Every full description (size, colour, shape) that fits no object of the scene, in random order.
+
+    Drawn independently of the right answer: distractors made "one attribute away" from the truth make the
+    right answer the choices' centroid (the answer that shares the most words with the others), which a
+    blind answers-only model finds without the image (44.8% on a 4-way test where chance is 25%)."""
+    fakes = [Desc(shape, colour, size) for shape in SHAPES for colour in COLOURS for size in SIZES]
     fakes = [d for d in fakes if not matching(scene, d)]
     return [fakes[int(k)] for k in rng.permutation(len(fakes))]
 
@@ -323,7 +327,7 @@ def _vcr_question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tup
         assert name_k is not None
         others = [full_desc(objs[o]) for o in rng.permutation(n) if o != k and o not in front]
         others = [d for d in others if not any(d.matches(objs[j]) for j in front)]
-        fakes = _fake_descs(scene, rng, full_desc(objs[f]))
+        fakes = _fake_descs(scene, rng)
         if kind == "what_hides":
             question = f"What is partly hiding the {name_k.words()}?"
             correct = sentence(with_article(full_desc(objs[f]).words(), definite=True))
@@ -331,9 +335,8 @@ def _vcr_question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tup
         else:
             question = f"Why can only part of the {name_k.words()} be seen?"
             correct = f"Because the {full_desc(objs[f]).words()} is in front of it."
-            wrong = [f"Because the {d.words()} is in front of it." for d in others]
-            wrong = [*wrong[:2], "Because it is cut off by the edge of the picture."]
-            wrong += [f"Because the {d.words()} is in front of it." for d in fakes]
+            # (no fixed "cut off by the edge" answer: a choice that is never right is found without the image)
+            wrong = [f"Because the {d.words()} is in front of it." for d in [*others, *fakes]]
         picked = _choices(rng, correct, wrong)
         return None if picked is None else (question, *picked)
     if kind == "what_rel":
@@ -352,7 +355,7 @@ def _vcr_question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tup
         question = f"What is {_pick(rng, RELATION_PHRASES[relation])} the {mark.words()}?"
         correct = sentence(with_article(full_desc(objs[k]).words()))
         others = [full_desc(objs[o]) for o in rng.permutation(n) if o not in (k, m)]
-        wrong = [sentence(with_article(d.words())) for d in [*others, *_fake_descs(scene, rng, full_desc(objs[k]))]]
+        wrong = [sentence(with_article(d.words())) for d in [*others, *_fake_descs(scene, rng)]]
         wrong = [w for w in wrong if w != correct]
         picked = _choices(rng, correct, wrong)
         return None if picked is None else (question, *picked)
@@ -370,8 +373,8 @@ def _vcr_question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tup
 
 
 def vcr_items(facts: SceneFacts, rng: np.random.Generator, per_image: int) -> list[dict[str, Any]]:
-    """Up to ``per_image`` four-way Q->A items; wrong answers are right about another object, or one
-    attribute away from the truth."""
+    """Up to ``per_image`` four-way Q->A items; wrong answers are right about another object of the scene, or
+    describe an object the scene does not have (drawn independently of the right answer)."""
     items: list[dict[str, Any]] = []
     for _ in range(per_image * 4):
         if len(items) == per_image:

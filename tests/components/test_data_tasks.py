@@ -50,10 +50,12 @@ VOCAB = AnswerVocab(["yes", "no", "2", "red", "dark red", "blue"])
     [
         (["yes"] * 9 + ["no"], {"yes": 1.0, "no": 0.3}),
         (["red"] * 2 + ["dark red"] * 3 + ["blue"] * 5, {"red": 0.6, "dark red": 0.9, "blue": 1.0}),
-        # humans are only punctuation-processed (case kept): "Yes." -> "Yes", which is not "yes"
-        (["Yes."] + ["yes"] * 2 + ["no"] * 7, {"yes": 0.6, "no": 1.0}),
-        # "two" is not turned into "2" for humans (the official script's rule)
-        (["two"] * 4 + ["2"] * 1 + ["no"] * 5, {"2": 0.3, "no": 1.0}),
+        # humans that disagree are normalised like the prediction (vqaEval.py): "Yes." -> "yes"
+        (["Yes."] + ["yes"] * 2 + ["no"] * 7, {"yes": 0.9, "no": 1.0}),
+        # ... number words included: "two" -> "2"
+        (["two"] * 4 + ["2"] * 1 + ["no"] * 5, {"2": 1.0, "no": 1.0}),
+        # all ten identical: the raw prediction is compared, so the vocabulary's "2" does not match "two"
+        (["two"] * 10, {}),
         (["green"] * 10, {}),
     ],
 )

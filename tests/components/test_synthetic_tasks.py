@@ -321,6 +321,27 @@ def test_vcr_files_follow_the_format_and_exactly_one_choice_is_right(world):
     assert len(labels) == 4  # the right answer is not always in the same place
 
 
+def test_vcr_answers_alone_do_not_give_the_right_choice_away() -> None:
+    """Blind answers-only rules stay at chance (25%).  Pins a bug: distractors made "one attribute away" from
+    the truth made the right answer the choices' word centroid, so picking the choice that shares most words
+    with the others scored 42% on the default world without looking at the image."""
+    source = SyntheticSource("synthetic://shapes?seed=5&n=300&size=64&captions_per_image=1")
+    files = {str(k): v for k, v in source.native_files().files.items()}
+    rows = [json.loads(line) for s in SPLITS for line in files[f"tasks/vcr/{s}.jsonl"].decode().splitlines()]
+    assert len(rows) > 400
+    centroid = never_right = 0
+    always_wrong = Counter(c for r in rows for k, c in enumerate(r["answer_choices"]) if k != r["answer_label"])
+    right = Counter(r["answer_choices"][r["answer_label"]] for r in rows)
+    for r in rows:
+        words = [set(c.lower().strip(".").split()) for c in r["answer_choices"]]
+        shared = [sum(len(words[i] & words[j]) for j in range(4) if j != i) for i in range(4)]
+        centroid += max(range(4), key=lambda i: (shared[i], -i)) == r["answer_label"]
+    # a choice text that appears often but is never right (e.g. one fixed excuse) can be ruled out blind
+    never_right = [c for c, n in always_wrong.items() if n >= 20 and right[c] == 0]
+    assert centroid / len(rows) < 0.32, centroid / len(rows)
+    assert not never_right, never_right[:3]
+
+
 # ---------------------------------------------------------------- pretraining captions
 
 

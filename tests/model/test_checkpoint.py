@@ -1,5 +1,6 @@
 """Native checkpoints, official files, BERT text-stream initialisation."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -111,6 +112,32 @@ def test_minilm_initialises_every_text_weight_and_matches_bert():
             ours, _ = layer(ours, mask)
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_a_shallower_text_stream_takes_the_first_bert_layers():
+    from transformers import BertModel
+
+    demo = preset("demo")
+    shallow = demo.replace(
+        text=dataclasses.replace(demo.text, num_layers=2),
+        coattention=dataclasses.replace(demo.coattention, text_layers_before=(1, 2)),
+    )
+    model = ViLBertForPretraining(shallow).eval()
+    report = load_bert_text_stream(model, minilm_dir())
+    assert "vilbert.encoder.text_layers.1.ffn.down.dense.weight" in report.loaded
+    assert "bert.encoder.layer.2.output.dense.weight" in report.ignored  # layers 2-5 are left out, and say so
+    bert = BertModel.from_pretrained(str(minilm_dir()), local_files_only=True, attn_implementation="eager").eval()
+    enc = load_tokenizer()(["a small red star"], return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**enc, output_hidden_states=True).hidden_states[2]  # after BERT's second layer
+        ours = model.vilbert.text_embeddings(enc["input_ids"], enc["token_type_ids"])
+        mask = StreamMask.build(enc["attention_mask"], torch.float32, skip_padding=False)
+        for layer in model.vilbert.encoder.text_layers:
+            ours, _ = layer(ours, mask)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    deeper = demo.replace(text=dataclasses.replace(demo.text, num_layers=8))
+    with pytest.raises(CheckpointMismatch, match="num_hidden_layers=6 < text.num_layers=8"):
+        load_bert_text_stream(ViLBertForPretraining(deeper), minilm_dir())
 
 
 def test_bert_with_the_wrong_shape_is_refused():

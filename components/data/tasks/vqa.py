@@ -30,7 +30,7 @@ from components.data.common import DataError, DatasetReport, EpochItems, check_t
 from components.data.common import require_features as _require_features
 from components.data.regions import RegionSource
 from components.data.tasks.common import TaskFiles, TaskSpec
-from components.metrics.vqa import normalize_answer, process_punctuation, vqa_accuracy
+from components.metrics.vqa import normalize_answer, vqa_accuracy
 from model.losses import vqa_soft_bce_loss
 
 ANSWER_VOCAB_FILE = "answer_vocab.json"
@@ -107,8 +107,9 @@ class AnswerVocab:
     def scores(self, human_answers: list[str]) -> Tensor:
         """(A,) float32 soft target: the official accuracy of each vocabulary answer (see the module docstring)."""
         target = torch.zeros(len(self), dtype=torch.float32)
-        # Only answers equal to a (punctuation-processed) human answer score above 0; vqa_accuracy does the rest.
-        candidates = set(human_answers) | {process_punctuation(a) for a in human_answers}
+        # Only answers whose normalised form equals a human answer's normalised form can score above 0 (when the
+        # humans agree the comparison is raw, which implies equal normalised forms); vqa_accuracy does the rest.
+        candidates = {normalize_answer(a) for a in human_answers}
         for candidate in candidates:
             for i in self._by_compared.get(candidate, ()):
                 target[i] = vqa_accuracy(self.answers[i], human_answers)
