@@ -47,6 +47,8 @@ class Cell:
 
     metric: str
     values: dict[int, float] = field(default_factory=dict)
+    chance: float | None = None
+    """The headline metric of a uniformly random choice (``metrics.json``'s ``metrics.chance``), when reported."""
 
     @property
     def mean(self) -> float:
@@ -58,7 +60,22 @@ class Cell:
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "mean": self.mean, "std": self.std, "n": len(self.values),
-                "seeds": sorted(self.values), "values": [self.values[s] for s in sorted(self.values)]}  # fmt: skip
+                "seeds": sorted(self.values), "values": [self.values[s] for s in sorted(self.values)],
+                "chance": self.chance}  # fmt: skip
+
+
+def pooled_std(a: Cell, b: Cell) -> float | None:
+    """The pooled sample standard deviation of two cells' seeds; None when either has fewer than 2 seeds."""
+    na, nb = len(a.values), len(b.values)
+    if na < 2 or nb < 2:
+        return None
+    return math.sqrt(((na - 1) * a.std**2 + (nb - 1) * b.std**2) / (na + nb - 2))
+
+
+def significant(a: Cell, b: Cell) -> bool:
+    """Whether (a) - (b) exceeds twice the pooled standard deviation (needs 2+ seeds in both cells)."""
+    pooled = pooled_std(a, b)
+    return pooled is not None and a.mean - b.mean > 2 * pooled
 
 
 def find_metrics(paths: tuple[str, ...]) -> list[Path]:
@@ -101,6 +118,9 @@ def collect(files: list[Path]) -> dict[tuple[str, str], Cell]:
         if not math.isfinite(value):
             raise StepError(f"{path}: the metric value is {value}")
         cell.values[int(m["seed"])] = value
+        chance = (m.get("metrics") or {}).get("chance")
+        if isinstance(chance, int | float) and math.isfinite(chance):
+            cell.chance = float(chance)
     return cells
 
 
@@ -121,12 +141,18 @@ def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
     gains = []
     for t in tasks:
         a, b = cells.get((t, "pretrained")), cells.get((t, "scratch"))
-        gains.append(f"{a.mean - b.mean:+.1f}" if a and b else "—")
+        gains.append(f"{a.mean - b.mean:+.1f}{' *' if significant(a, b) else ''}" if a and b else "—")
     lines.append("| (a) − (b): gain from pretraining | " + " | ".join(gains) + " |")
+    chances = [next((c.chance for (task, _), c in cells.items() if task == t and c.chance is not None), None)
+               for t in tasks]  # fmt: skip
+    if any(c is not None for c in chances):
+        lines.append("| chance (uniformly random choice) | " + " | ".join("—" if c is None else f"{c:.1f}"
+                                                                          for c in chances) + " |")  # fmt: skip
     seeds = sorted({s for c in cells.values() for s in c.values})
     lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
               f"(n per cell: {', '.join(sorted({str(len(c.values)) for c in cells.values()}))}); "
-              "metrics in percent on each task's test split."]  # fmt: skip
+              "metrics in percent on each task's test split; * marks a gain larger than twice the pooled "
+              "standard deviation of (a) and (b) (2+ seeds each)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

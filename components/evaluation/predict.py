@@ -222,6 +222,7 @@ def _refcoco(run: _Run) -> list[dict[str, Any]]:
                 "score": float(probs[row]),
                 # the best IoU any proposal reaches: the accuracy a perfect chooser would get on this expression
                 "best_iou": float(meta["region_iou"][row, 1:real].max()),
+                "num_candidates": real - 1,  # the regions a choice is made among (region 0 excluded)
             })  # fmt: skip
     return records
 

@@ -11,6 +11,10 @@ Metric names and units (what ``metrics.json`` and :func:`score` report):
   ``recall@10`` (percent), ``median_rank``, ``mean_rank`` (ranks); text retrieval (image -> caption) the same
   with a ``text_`` prefix.
 
+Every task also reports ``chance``: the headline metric of a uniformly random choice, in percent (VQA: a
+uniformly random answer of the evaluated questions' human answers; VCR: 1 / 4; RefCOCO+: one of the
+expression's candidate regions at random; retrieval: R@1 = 1 / gallery size), from ``components.metrics``.
+
 MLflow refuses ``@`` in metric names: :func:`mlflow_metric_name` maps ``recall@1`` to ``recall_at_1``.
 """
 
@@ -70,7 +74,7 @@ def _vqa(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any
                 **({"question_type": r["question_type"]} if r.get("question_type") is not None else {})}
                for r in records]  # fmt: skip
     result = vqa_scores({r["question_id"]: r["prediction"] for r in records}, entries)
-    metrics = {HEADLINE["vqa"]: _percent(result["accuracy"])}
+    metrics = {HEADLINE["vqa"]: _percent(result["accuracy"]), "chance": _percent(result["chance"])}
     for answer_type, value in result["per_answer_type"].items():
         metrics[f"vqa_accuracy_{_slug(answer_type)}"] = _percent(value)
     return metrics, [{"accuracy": result["per_question"][r["question_id"]]} for r in records]
@@ -82,18 +86,27 @@ def _vcr(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any
     if unlabelled:
         raise ValueError(f"{len(unlabelled)} VCR questions have no answer_label (e.g. {unlabelled[:5]})")
     result = vcr_scores([r["choice_scores"] for r in records], [r["target"] for r in records])
-    return {HEADLINE["vcr"]: _percent(result["accuracy"])}, [{"correct": c} for c in result["correct"]]
+    metrics = {HEADLINE["vcr"]: _percent(result["accuracy"]), "chance": _percent(result["chance"])}
+    return metrics, [{"correct": c} for c in result["correct"]]
 
 
 def _refcoco(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any]]]:
     records = predictions.records
-    result = grounding_scores([r["prediction"] for r in records], [r["target"] for r in records])
+    # chance: one of the expression's candidate regions (region 0 excluded) at random, when predict recorded them
+    regions = [r.get("num_candidates") for r in records]
+    result = grounding_scores(
+        [r["prediction"] for r in records],
+        [r["target"] for r in records],
+        num_regions=regions if all(isinstance(n, int) and n > 0 for n in regions) else None,
+    )
     reachable = sum(r["best_iou"] >= IOU_THRESHOLD for r in records) / len(records)
     metrics = {
         HEADLINE["refcoco+"]: _percent(result["accuracy"]),
         "grounding_upper_bound": _percent(reachable),
         "mean_iou": float(result["mean_iou"]),
     }
+    if result.get("chance") is not None:
+        metrics["chance"] = _percent(result["chance"])
     return metrics, [{"iou": i, "correct": c} for i, c in zip(result["iou"], result["correct"], strict=True)]
 
 
@@ -101,7 +114,7 @@ def _retrieval(predictions: Predictions) -> tuple[dict[str, float], list[dict[st
     if predictions.scores is None:
         raise ValueError("retrieval predictions carry no score matrix")
     result = retrieval_scores(predictions.scores, predictions.caption_image)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"chance": _percent(result["chance"]["recall_at_1"])}
     for prefix, part in (("", result["image_retrieval"]), ("text_", result["text_retrieval"])):
         for key, value in part.items():
             if key.startswith("recall_at_"):

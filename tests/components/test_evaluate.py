@@ -35,7 +35,7 @@ RECORD_KEYS = {
             "question_type", "accuracy"},
     "vcr": {"annot_id", "image_id", "question", "prediction", "target", "score", "choice_scores", "correct"},
     "refcoco+": {"ref_id", "sent_id", "image_id", "expression", "prediction", "target", "region", "score", "best_iou",
-                 "iou", "correct"},
+                 "num_candidates", "iou", "correct"},
     "retrieval": {"caption_index", "caption", "image_id", "prediction", "target", "score", "target_score", "top_k",
                   "top_k_scores", "rank"},
 }  # fmt: skip
@@ -119,6 +119,7 @@ def evaluate(model: Path, output: Path | str, **kw) -> tuple:
         metrics = json.loads((Path(output) / "metrics.json").read_text())
         records = [json.loads(line) for line in (Path(output) / "predictions.jsonl").read_text().splitlines()]
     assert set(metrics) == METRICS_KEYS and all(set(r) == RECORD_KEYS[result.task] for r in records)
+    assert 0 < metrics["metrics"]["chance"] < 100  # every task reports its chance level (percent)
     return result, metrics, records
 
 
@@ -326,7 +327,7 @@ def test_predict_and_score_are_side_effect_free(world: World, models) -> None:
     again = predict(model, "vcr", data, batch_size=1, workers=1)  # items built in a worker process
     assert [r["prediction"] for r in again.records] == [r["prediction"] for r in first.records]
     metrics = score("vcr", first)
-    assert set(metrics) == {"vcr_q2a_accuracy"} and "correct" not in first.records[0]
+    assert set(metrics) == {"vcr_q2a_accuracy", "chance"} and "correct" not in first.records[0]
     with pytest.raises(ValueError, match="zero_shot applies to retrieval only"):
         predict(model, "vcr", data, zero_shot=True)
     with pytest.raises(TypeError, match="needs a RetrievalGallery"):
