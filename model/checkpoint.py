@@ -172,10 +172,9 @@ def load_official(
 
 
 # ---- text stream from a BERT checkpoint ------------------------------------------------------------
-_BERT_CONFIG_CHECKS = {  # BERT config.json field -> (our text config field)
+_BERT_CONFIG_CHECKS = {  # BERT config.json field -> (our text config field); the depth is checked apart
     "vocab_size": "vocab_size",
     "hidden_size": "hidden_size",
-    "num_hidden_layers": "num_layers",
     "num_attention_heads": "num_heads",
     "intermediate_size": "intermediate_size",
     "max_position_embeddings": "max_position_embeddings",
@@ -210,7 +209,7 @@ def check_bert_config(folder: str | Path, config: ViLBertConfig) -> int:
     diffs = [
         f"{theirs}={bert[theirs]} vs text.{ours}={getattr(config.text, ours)}"
         for theirs, ours in _BERT_CONFIG_CHECKS.items()
-        if theirs in bert and theirs != "num_hidden_layers" and bert[theirs] != getattr(config.text, ours)
+        if theirs in bert and bert[theirs] != getattr(config.text, ours)
     ]
     if config.text.num_layers > depth:
         diffs.append(f"num_hidden_layers={depth} < text.num_layers={config.text.num_layers}")
@@ -238,7 +237,7 @@ def load_bert_text_stream(model: ViLBertModule, folder: str | Path) -> LoadRepor
             key = "bert." + key
         state[key] = value
     dropped = tuple(f"bert.encoder.layer.{i}." for i in range(kept_layers, depth))
-    ignored = [k for k in state if k.startswith(_BERT_IGNORED) or (dropped and k.startswith(dropped))]
+    ignored = [k for k in state if k.startswith(_BERT_IGNORED + dropped)]
     state = {k: v for k, v in state.items() if k not in ignored}
     heads = "pretraining" if isinstance(model, ViLBertForTasks) else "heads"
     prefixes: tuple[str, ...] = ("vilbert.text_embeddings.", "vilbert.encoder.text_layers.")

@@ -94,10 +94,11 @@ def _refcoco(predictions: Predictions) -> tuple[dict[str, float], list[dict[str,
     records = predictions.records
     # chance: one of the expression's candidate regions (region 0 excluded) at random, when predict recorded them
     regions = [r.get("num_candidates") for r in records]
+    counts = [int(n) for n in regions if isinstance(n, int) and n > 0]
     result = grounding_scores(
         [r["prediction"] for r in records],
         [r["target"] for r in records],
-        num_regions=regions if all(isinstance(n, int) and n > 0 for n in regions) else None,
+        num_regions=counts if len(counts) == len(records) else None,
     )
     reachable = sum(r["best_iou"] >= IOU_THRESHOLD for r in records) / len(records)
     metrics = {
