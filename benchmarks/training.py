@@ -397,6 +397,13 @@ def step_times(steps: dict[int, dict[str, Any]], first: int, last: int, skip_eve
     return out
 
 
+def split_windows(steps: list[Any], n: int) -> list[list[Any]]:
+    """``steps`` cut into min(n, len(steps)) consecutive windows whose sizes differ by at most one; every step
+    lands in exactly one window (a remainder is spread, never dropped nor made an extra window)."""
+    n = min(n, len(steps))
+    return [steps[w * len(steps) // n : (w + 1) * len(steps) // n] for w in range(n)]
+
+
 def analyse(run: dict[str, Any]) -> dict[str, Any]:
     """Throughput over windows of undisturbed steady-state steps (gen 0, rank 0), batch shapes and memory."""
     spec, monitor, ev = run["spec"], run["monitor"], run["events"]
@@ -405,10 +412,8 @@ def analyse(run: dict[str, Any]) -> dict[str, Any]:
     timed = step_times(steps, spec.warmup + 1, last, spec.checkpoint_every)
     clean = [s for s in timed if s["other"] < DISTURBED]
     clean = clean if len(clean) >= len(timed) / 2 else timed  # too few undisturbed steps: all, as they came
-    per_step, size = spec.batch_size * spec.world_size, max(len(clean) // spec.windows, 1)
-    windows = []
-    for i in range(0, len(clean) - size + 1, size):
-        chunk = clean[i : i + size]
+    per_step, windows = spec.batch_size * spec.world_size, []
+    for chunk in split_windows(clean, spec.windows):
         seconds = sum(c["seconds"] for c in chunk)
         windows.append({"samples_per_s": per_step * len(chunk) / seconds, "steps": len(chunk),
                         "other_load": max(c["other"] for c in chunk)})  # fmt: skip
