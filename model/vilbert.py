@@ -43,9 +43,9 @@ class ViLBertOutput:
     vision: Tensor
     """(B, R, Hv) final region states."""
     pooled_text: Tensor
-    """(B, C) ReLU(dense(text[:, 0])), the [CLS] summary."""
+    """(B, C) activation(dense(summary)): the [CLS] state, or the mean over real tokens (``text_pooling``)."""
     pooled_vision: Tensor
-    """(B, C) ReLU(dense(vision[:, 0])), the whole-image token summary."""
+    """(B, C) activation(dense(vision[:, 0])), the whole-image token summary (ReLU unless ``pooler_activation``)."""
     text_embeddings: Tensor
     """(B, T, Ht) embedding layer output."""
     vision_embeddings: Tensor
@@ -55,14 +55,25 @@ class ViLBertOutput:
 
 
 class Pooler(nn.Module):
-    """First token -> dense -> ReLU (the reference uses ReLU here, not BERT's tanh)."""
+    """First token (or the mean over real positions) -> dense -> ReLU or tanh.
 
-    def __init__(self, hidden: int, out: int):
+    The reference pools the first token through ReLU, not BERT's tanh; ``mean`` and ``tanh`` are the
+    :class:`ViLBertConfig` options ``text_pooling`` / ``pooler_activation``."""
+
+    def __init__(self, hidden: int, out: int, pooling: str = "cls", activation: str = "relu"):
         super().__init__()
         self.dense = nn.Linear(hidden, out)
+        self.pooling = pooling
+        self.activation = torch.tanh if activation == "tanh" else torch.relu
 
-    def forward(self, states: Tensor) -> Tensor:
-        return torch.relu(self.dense(states[:, 0]))
+    def forward(self, states: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.pooling == "mean":
+            real = torch.ones(states.shape[:2], device=states.device) if mask is None else mask
+            real = real.to(states.dtype).unsqueeze(-1)
+            summary = (states * real).sum(1) / real.sum(1).clamp(min=1.0)
+        else:
+            summary = states[:, 0]
+        return self.activation(self.dense(summary))
 
 
 def fuse(pooled_text: Tensor, pooled_vision: Tensor, method: str) -> Tensor:
@@ -79,8 +90,9 @@ class ViLBertModel(nn.Module):
         self.text_embeddings = TextEmbeddings(config.text, config.layer_norm_eps)
         self.vision_embeddings = VisionEmbeddings(config.vision, config.layer_norm_eps, config.text.dropout)
         self.encoder = TwoStreamEncoder(config)
-        self.text_pooler = Pooler(config.text.hidden_size, config.coattention.hidden_size)
-        self.vision_pooler = Pooler(config.vision.hidden_size, config.coattention.hidden_size)
+        act = config.pooler_activation
+        self.text_pooler = Pooler(config.text.hidden_size, config.coattention.hidden_size, config.text_pooling, act)
+        self.vision_pooler = Pooler(config.vision.hidden_size, config.coattention.hidden_size, "cls", act)
         self.check_inputs = True
         """Validate every batch (shapes, ranges, finiteness); turn off in tight loops after the first batches."""
         self.skip_padding = "train"
@@ -122,7 +134,13 @@ class ViLBertModel(nn.Module):
             output_attentions,
         )
         return ViLBertOutput(
-            enc.text, enc.vision, self.text_pooler(enc.text), self.vision_pooler(enc.vision), text, vision, enc
+            enc.text,
+            enc.vision,
+            self.text_pooler(enc.text, attention_mask),
+            self.vision_pooler(enc.vision),
+            text,
+            vision,
+            enc,
         )
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 #: Files dvc.yaml names as dependencies (copied into the test project).
 CODE_DEPS = sorted({d for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
-                    for d in (s.get("deps") or s.get("do", {}).get("deps", [])) if d.startswith("components/")})  # fmt: skip
+                    for d in (s.get("deps") or s.get("do", {}).get("deps", [])) if d.startswith("components/") or d == "model"})  # fmt: skip
 TINY_PARAMS = {
     "data": {"source": "synthetic://shapes?seed=0&n=40&size=64"},
     "features": {"backend": "demo", "demo_epochs": 1, "demo_train_images": 20},
@@ -79,7 +79,10 @@ def make_project(base: Path) -> Path:
     shutil.copy(ROOT / ".dvcignore", project / ".dvcignore")
     for rel in CODE_DEPS:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, project / rel)
+        if (ROOT / rel).is_dir():
+            shutil.copytree(ROOT / rel, project / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / rel, project / rel)
     (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     shutil.copy(ROOT / ".gitignore", project / ".gitignore")  # as in this repository: data/ and runs/ are ignored
     git(project, "init", "-q")

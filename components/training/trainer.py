@@ -9,6 +9,7 @@ what the sampler must promise so that a resumed run sees exactly the batches an 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -248,6 +249,8 @@ class Trainer:
         scheduler = warmup_linear_decay(optimizer, resolve_warmup(total, c.warmup_steps, c.warmup_fraction), total)
         run = _Progress()
         resumed_from = self._find_resume_point(info)
+        if info.is_main and resumed_from is None:  # a fresh run: no curve of an earlier one
+            (c.output_dir / HISTORY).unlink(missing_ok=True)
         self.sampler.set_epoch(0)
         rng_state = None
         if resumed_from is not None:
@@ -310,6 +313,8 @@ class Trainer:
                 state = self._training_state(run, optimizer, scheduler, info, device)
                 checkpoint = self._save(model, run.step, state, info)
         bar.close()
+        if info.is_main:
+            self._draw_curves()
         final_dir = self._export_final(model, run.step, info)
         du.barrier()
         if not c.keep_checkpoints and final_dir is not None and info.is_main:
@@ -383,8 +388,22 @@ class Trainer:
         if not info.is_main:
             return
         log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        with (self.config.output_dir / HISTORY).open("a") as f:  # survives restarts: a resumed run appends
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=step)
+
+    def _draw_curves(self) -> Path | None:
+        """``<output>/training_curves.png`` (and in MLflow): every loss of the run against the step."""
+        from components.metrics.pictures import training_curves_png
+
+        series = loss_series(self.config.output_dir / HISTORY)
+        if not series:
+            return None
+        png = training_curves_png(self.config.output_dir, series, title=self.config.output_dir.name)
+        if self.tracker is not None:
+            self.tracker.log_artifact(png, "curves")
+        return png
 
     def _evaluate(self, model: nn.Module, step: int, device: torch.device, info: du.DistInfo) -> dict[str, float]:
         assert self.eval_fn is not None
@@ -420,6 +439,32 @@ class Trainer:
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+NOT_LOSSES = frozenset({"grad_norm", "lr", "samples_per_s", "epoch"})
+HISTORY = "history.jsonl"
+"""Every logged row of a run, one JSON object per line (``step`` and the ``train/`` / ``eval/`` metrics)."""
+
+
+def loss_series(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """``{metric: (steps, values)}`` of every loss in a history file (each objective's part too; not the
+    bookkeeping: grad norm, lr, throughput, epoch); a step logged again (by a run resumed from an earlier
+    checkpoint) keeps its last value."""
+    if not path.exists():
+        return {}
+    by_step: dict[int, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(int(row.pop("step")), {}).update(row)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for step in sorted(by_step):
+        for key, value in by_step[step].items():
+            if key.rpartition("/")[2] not in NOT_LOSSES:
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(float(step))
+                ys.append(float(value))
+    return series
 
 
 def _tune_malloc() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from components.training import checkpointing as ckpt
 from components.training.config import TrainerConfig, TrainerConfigError
 from components.training.optim import WarmupLinearDecay
-from components.training.trainer import Trainer
+from components.training.trainer import HISTORY, Trainer, loss_series
 from model import ViLBertForPretraining, ViLBertForTasks, preset
 from model.checkpoint import load_checkpoint, read_feature_spec
 
@@ -236,6 +236,13 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, variant):
     assert resumed.steps == 6 and resumed.final_loss == straight.final_loss
     assert set(resumed.eval_metrics) == {"r"}
     assert_same_weights(tmp_path / "a" / "final", tmp_path / "b" / "final")
+    # the curves of the crashed-and-resumed run are the uninterrupted run's, step for step
+    curves = {run: loss_series(tmp_path / run / HISTORY) for run in "ab"}
+    train = {run: {k: v for k, v in c.items() if k.startswith("train/")} for run, c in curves.items()}
+    assert train["a"] == train["b"] and train["a"]["train/loss"][0] == [float(s) for s in range(1, 7)]
+    assert "eval/r" in curves["b"] and "train/lr" not in curves["a"]
+    for run in "ab":
+        assert (tmp_path / run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
@@ -290,7 +297,10 @@ def test_final_export_is_a_native_checkpoint(tmp_path):
 
     class Recorder:
         def __init__(self):
-            self.metrics, self.params = [], {}
+            self.metrics, self.params, self.artifacts = [], {}, []
+
+        def log_artifact(self, path, artifact_path=None):
+            self.artifacts.append((Path(path).name, artifact_path))
 
         def log_metrics(self, metrics, step):
             self.metrics.append((step, dict(metrics)))
@@ -316,4 +326,5 @@ def test_final_export_is_a_native_checkpoint(tmp_path):
     assert [s for s, _ in recorder.metrics] == [2, 4, 6]
     assert {"train/loss", "train/lr", "train/samples_per_s", "train/epoch"} <= set(recorder.metrics[-1][1])
     assert recorder.params["trainer.total_steps"] == 6
+    assert recorder.artifacts == [("training_curves.png", "curves")]
     assert json.loads((tmp_path / "final" / "config.json").read_text())["kind"] == "tasks"

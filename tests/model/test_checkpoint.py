@@ -93,7 +93,8 @@ def test_minilm_initialises_every_text_weight_and_matches_bert():
     from transformers import BertModel
 
     torch.manual_seed(0)
-    model = ViLBertForPretraining(preset("demo")).eval()
+    demo = preset("demo")  # two text layers: here the whole six-layer MiniLM
+    model = ViLBertForPretraining(demo.replace(text=dataclasses.replace(demo.text, num_layers=6))).eval()
     report = load_bert_text_stream(model, minilm_dir())
     text_params = [
         k for k in model.state_dict() if k.startswith(("vilbert.text_embeddings.", "vilbert.encoder.text_layers."))
