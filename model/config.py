@@ -288,16 +288,9 @@ class ViLBertConfig:
     def replace(self, **changes: Any) -> ViLBertConfig:
         return replace(self, **changes)
 
-    def _pooling_choices(self) -> dict[str, str]:
-        return {
-            "text_pooling": self.text_pooling,
-            "pooler_activation": self.pooler_activation,
-            "pooler_init": self.pooler_init,
-        }
-
     def reference_pooling(self) -> ViLBertConfig:
         """This config with the reference's pooling (same parameters, same shapes)."""
-        return replace(self, text_pooling="cls", pooler_activation="relu", pooler_init="normal")
+        return replace(self, **REFERENCE_POOLING)
 
     # ---- the reference format ------------------------------------------------------------------
     @classmethod
@@ -362,7 +355,7 @@ class ViLBertConfig:
 
         Raises :class:`ConfigError` for choices the reference cannot express (mean pooling, a tanh pooler, the
         fan-in initialisation): :meth:`reference_pooling` gives the same network with the reference's."""
-        changed = {k: v for k, v in self._pooling_choices().items() if v != REFERENCE_POOLING[k]}
+        changed = {k: getattr(self, k) for k, v in REFERENCE_POOLING.items() if getattr(self, k) != v}
         _require(not changed, f"the reference cannot express {changed}; use config.reference_pooling()")
         t, v, c = self.text, self.vision, self.coattention
         return {
@@ -440,8 +433,10 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-#: The reference's pooling: [CLS] / whole-image token, ReLU, N(0, initializer_range).
-REFERENCE_POOLING: dict[str, str] = {"text_pooling": "cls", "pooler_activation": "relu", "pooler_init": "normal"}
+#: The reference's pooling ([CLS] / whole-image token, ReLU, N(0, initializer_range)): the fields' defaults.
+REFERENCE_POOLING: dict[str, Any] = {
+    f.name: f.default for f in fields(ViLBertConfig) if f.name in ("text_pooling", "pooler_activation", "pooler_init")
+}
 
 
 # ---- presets -----------------------------------------------------------------------------------

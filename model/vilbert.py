@@ -67,12 +67,13 @@ class Pooler(nn.Module):
         self.activation = torch.tanh if activation == "tanh" else torch.relu
 
     def forward(self, states: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.pooling == "mean":
-            real = torch.ones(states.shape[:2], device=states.device) if mask is None else mask
-            real = real.to(states.dtype).unsqueeze(-1)
-            summary = (states * real).sum(1) / real.sum(1).clamp(min=1.0)
-        else:
+        if self.pooling == "cls":
             summary = states[:, 0]
+        elif mask is None:
+            summary = states.mean(1)
+        else:
+            real = mask.to(states.dtype).unsqueeze(-1)
+            summary = (states * real).sum(1) / real.sum(1).clamp(min=1.0)
         return self.activation(self.dense(summary))
 
 
