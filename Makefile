@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run demo ui pipeline-yaml kfp-run test test-fast lint format bench parity lock clean
+.PHONY: install run demo ui browser pipeline-yaml kfp-run test test-fast lint format bench parity lock clean
 
 install: $(STAMP)
 
@@ -29,8 +29,20 @@ run: $(STAMP)  ## the whole pipeline on the embedded default (dvc repro), then w
 demo: $(STAMP)  ## a few pretraining steps of the demo model (seconds)
 	$(BIN)/vilbert model demo
 
-ui: $(STAMP)  ## the MLflow UI on the local store (runs, pictures, registered models and aliases)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+# An `mlflow server` (webhooks need the server) with `vilbert registry listen` beside it: alias changes made in
+# the UI are audited and keep previous-champion; `vilbert serve --tracking-uri http://127.0.0.1:5000` follows them.
+ui: $(STAMP)  ## the MLflow UI on the local store (runs, pictures, registered models and aliases), promotions audited
+	$(BIN)/vilbert registry ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 \
+	    --listen-port 5005
+
+# Debian's chromium and chromium-driver, for the browser test (tests/components/test_registry_ui.py).
+browser:  ## install headless Chromium and its WebDriver (apt; sudo when not root)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	    echo "chromium and chromedriver are installed"; \
+	else \
+	    sudo=$$(test "$$(id -u)" = 0 || echo "sudo -n"); \
+	    $$sudo apt-get update && $$sudo apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
 
 pipeline-yaml: $(STAMP)  ## recompile the committed Kubeflow IR YAML
 	$(BIN)/python pipelines/full.py compile -o pipelines/full.yaml
@@ -39,6 +51,7 @@ kfp-run: $(STAMP)  ## the same pipeline under kfp.local
 	$(BIN)/python pipelines/full.py run
 
 test: $(STAMP)  ## every test (fast and slow), CPU only
+	@$(MAKE) --no-print-directory browser || echo "chromium cannot be installed here: the browser test is skipped"
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

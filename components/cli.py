@@ -243,11 +243,19 @@ app.command("summary")(summary_command)
 from components.commands.table import table_command  # noqa: E402
 
 app.command("table")(table_command)
-from components.commands.registry import promote_command, register_command, rollback_command  # noqa: E402
+from components.commands.registry import (  # noqa: E402
+    promote_command,
+    register_command,
+    registry_app,
+    rollback_command,
+    serve_command,
+)
 
 app.command("register")(register_command)
 app.command("promote")(promote_command)
 app.command("rollback")(rollback_command)
+app.command("serve")(serve_command)
+app.add_typer(registry_app, name="registry")
 from components.commands.evaluate import evaluate_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)

@@ -15,10 +15,13 @@ It becomes ``challenger`` when it beats both references that exist (so a newer b
 displaces a better one waiting for promotion).  The very first version has no reference and becomes
 ``challenger``.  A reference measured with another metric or on another split cannot be compared: the version
 is registered without an alias (``not_comparable``).  The decision is recorded as version tags ``gate.*``.
+The version is registered first, then gated under the model's registry lock (:func:`gate_version`,
+components/registry_lock.py): concurrent registrations are gated one after the other, never on stale aliases.
 Register never moves ``champion``: the first version too is promoted by hand (``vilbert promote``), so
 ``models:/<name>@champion`` exists only after a person chose it.
 
-**Promotion** (``promote``; the MLflow UI's aliases work too, without the audit tags) moves ``champion`` to a
+**Promotion** (``promote``; a ``champion`` set in the MLflow UI is recorded the same way by the registry-event
+listener, components/registry_events.py) moves ``champion`` to a
 version (default: the challenger), keeps the previous champion as ``previous-champion``, drops ``challenger``
 from the promoted version, and records who, when (UTC ISO 8601) and why as version tags (``champion.*``) and in
 the registered model's ``champion.history`` tag (JSON list, newest last).  **Rollback** moves ``champion`` back to
@@ -75,6 +78,7 @@ __all__ = [
     "default_model_name",
     "dvc_lineage",
     "gate",
+    "gate_version",
     "promote",
     "read_inputs",
     "register_model",
@@ -262,8 +266,6 @@ def register_model(config: RegisterConfig, log: Callable[[str], None] = print) -
         artifacts, spec_hash = stage_artifacts(config, step, metrics, checkpoint, staging)
         log(f"register: bundled {checkpoint} and the extractor of {config.features or step.get('features')}")
         _self_check(artifacts, task)
-        decision = gate(metric, metrics.get("split"), value, reference(client, name, CHAMPION),
-                        reference(client, name, CHALLENGER), config.min_delta)  # fmt: skip
         tracking = TrackingConfig(experiment=config.experiment, run_name=f"register-{task}", output_dir=staging,
                                   tracking_uri=uri, parent_run_id=pipeline_run, system_metrics=False,
                                   tags={"vilbert.step": "register", "vilbert.registered_model": name})  # fmt: skip
@@ -271,17 +273,16 @@ def register_model(config: RegisterConfig, log: Callable[[str], None] = print) -
         if tracker.degraded or tracker.run_id is None:
             tracker.end("FAILED")
             raise RegistryError(f"cannot open a run in the MLflow store {uri}: registering needs it")
-        tags = {**version_tags(config, step, metrics, checkpoint, spec_hash, pipeline_run, tracker.run_id),
-                **decision.tags()}  # fmt: skip
+        tags = version_tags(config, step, metrics, checkpoint, spec_hash, pipeline_run, tracker.run_id)
         entry = staging / "vilbert_model.py"
         entry.write_text(MODEL_CODE)
         status = "FAILED"
         try:
             info = _log_and_register(uri, tracker.run_id, name, entry, artifacts, task, tags)
             version = str(info.registered_model_version)
+            decision = gate_version(client, name, version, metric, metrics.get("split"), value, config.min_delta)
+            tags.update(decision.tags())
             _describe(client, name, version, task, decision, metric, value, metrics.get("split"))
-            if decision.decision == CHALLENGER:
-                client.set_registered_model_alias(name, CHALLENGER, version)
             tracker.log_metrics({**eval_metrics(metrics), mlflow_metric_name(metric): value})
             tracker.set_tags({"vilbert.registered_version": version, "gate.decision": decision.decision})
             status = "FINISHED"
@@ -291,6 +292,23 @@ def register_model(config: RegisterConfig, log: Callable[[str], None] = print) -
     log(f"register: {name} version {version}: {decision.decision} ({decision.reason})")
     return RegisterResult(name, version, task, metric, value, decision.decision, decision.reason, aliases,
                           f"models:/{name}/{version}", tracker.run_id, info.model_id, tags)  # fmt: skip
+
+
+def gate_version(client: Any, name: str, version: str, metric: str, split: str | None, value: float,
+                 min_delta: float = 0.0) -> GateDecision:  # fmt: skip
+    """The gate for a registered ``version``: read the references, decide and set ``challenger`` under the model's
+    registry lock, so that concurrent registrations are gated one after the other (each against the aliases the one
+    before it left); then record the decision as version tags (``gate.*``)."""
+    from components.registry_lock import registry_lock
+
+    with registry_lock(client, name):
+        decision = gate(metric, split, value, reference(client, name, CHAMPION), reference(client, name, CHALLENGER),
+                        min_delta)  # fmt: skip
+        if decision.decision == CHALLENGER:
+            client.set_registered_model_alias(name, CHALLENGER, version)
+    for key, tag in decision.tags().items():  # records only: no gate reads them, so they need not hold the lock
+        client.set_model_version_tag(name, version, key, tag)
+    return decision
 
 
 def _log_and_register(uri: str, run_id: str, name: str, entry: Path, artifacts: Mapping[str, str], task: str,

@@ -1,5 +1,9 @@
 """The registry's rules: the gate that sets ``challenger``, and moving ``champion`` by hand (promotion, rollback),
-each move recorded as tags (who, when, why).
+each move recorded as tags (who, when, why); what a champion must have (:func:`champion_violations`).
+
+A champion set elsewhere (the MLflow UI) is recorded by :func:`adopt_champion`, called by the registry-event
+listener (components/registry_events.py).  Every read-then-move of aliases holds the model's registry lock
+(components/registry_lock.py).
 
 Used through :mod:`components.registry` and the ``vilbert register`` / ``promote`` / ``rollback`` commands; the
 rules are stated in the docstring of :mod:`components.registry`.
@@ -18,6 +22,7 @@ CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-ch
 HISTORY_TAG = "champion.history"
 NOT_BETTER, NOT_COMPARABLE = "not_better", "not_comparable"
 GATE_RULE = "value > reference + min_delta for the champion and the challenger that exist; ties do not beat"
+VIOLATIONS_TAG = "rules.violations"
 MAX_HISTORY_CHARS = 90_000  # under MLflow's 100,000-character tag value limit: the oldest events are dropped
 
 
@@ -43,6 +48,10 @@ class AliasChange:
     """When: UTC, ISO 8601."""
     reason: str
     """Why (required)."""
+    source: str = "vilbert"
+    """Where the move was made: ``vilbert`` (promote / rollback) or ``mlflow-ui`` (adopted from a registry event)."""
+    violations: tuple[str, ...] = ()
+    """Rules the new champion breaks (:func:`champion_violations`): flagged, never reverted."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,7 +167,9 @@ def _aliases(client: Any, name: str, uri: str) -> dict[str, str]:
     try:
         return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        from components.registry_lock import is_lock
+
+        known = sorted(m.name for m in client.search_registered_models(max_results=50) if not is_lock(m.name))
         raise RegistryError(f"no registered model {name!r} in {uri} (registered: {known or 'none'})") from None
 
 
@@ -193,29 +204,51 @@ def promote(name: str, reason: str, version: str | None = None, actor: str | Non
             tracking_uri: str | None = None) -> AliasChange:  # fmt: skip
     """Make ``version`` (default: the ``challenger``) the ``champion``; the old champion becomes
     ``previous-champion``; ``challenger`` is removed when it pointed at the promoted version."""
+    from components.registry_lock import registry_lock
+
     if not reason or not reason.strip():
         raise RegistryError("a promotion needs a reason (--reason)")
     client, uri = client_for(tracking_uri)
-    aliases = _aliases(client, name, uri)
-    if version is None:
-        if CHALLENGER not in aliases:
-            raise RegistryError(f"model {name!r} has no {CHALLENGER!r} alias (aliases: {aliases or 'none'}): "
-                                "name the version to promote (--version)")  # fmt: skip
-        version = aliases[CHALLENGER]
-    version = str(version)
-    _check_version(client, name, version)
-    old = aliases.get(CHAMPION)
-    if old == version:
-        raise RegistryError(f"version {version} of {name!r} is already the champion")
-    change = AliasChange(name, "promote", version, old, _actor(actor), _now(), reason.strip())
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if old is not None:
+    _aliases(client, name, uri)  # a clear error for an unknown model, before the lock is made
+    with registry_lock(client, name):
+        aliases = _aliases(client, name, uri)
+        if version is None:
+            if CHALLENGER not in aliases:
+                raise RegistryError(f"model {name!r} has no {CHALLENGER!r} alias (aliases: {aliases or 'none'}): "
+                                    "name the version to promote (--version)")  # fmt: skip
+            version = aliases[CHALLENGER]
+        version = str(version)
+        _check_version(client, name, version)
+        old = aliases.get(CHAMPION)
+        if old == version:
+            raise RegistryError(f"version {version} of {name!r} is already the champion")
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return _after_promotion(client, name, version, old, aliases, _actor(actor), reason.strip(), "vilbert")
+
+
+def adopt_champion(client: Any, name: str, version: str, old: str | None, actor: str, reason: str,
+                   source: str) -> AliasChange:  # fmt: skip
+    """Record a ``champion`` that was already moved to ``version`` elsewhere (``old``: who held it before) exactly
+    as :func:`promote` records its own: ``previous-champion``, ``challenger`` dropped from ``version``, tags,
+    history, and the rules it breaks flagged on the version.  The caller holds the registry lock."""
+    aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+    return _after_promotion(client, name, version, old, aliases, actor, reason, source)
+
+
+def _after_promotion(client: Any, name: str, version: str, old: str | None, aliases: dict[str, str], actor: str,
+                     reason: str, source: str) -> AliasChange:  # fmt: skip
+    violations = tuple(champion_violations(client, name, version, old))
+    change = AliasChange(name, "promote", version, old, actor, _now(), reason, source, violations)
+    if old is not None and old != version:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
     if aliases.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
     tags = {version: {"champion.promoted_by": change.actor, "champion.promoted_at": change.at,
-                      "champion.promotion_reason": change.reason, "champion.replaced_version": str(old)}}  # fmt: skip
-    if old is not None:
+                      "champion.promotion_reason": change.reason, "champion.replaced_version": str(old),
+                      "champion.source": source}}  # fmt: skip
+    if violations:
+        tags[version].update({VIOLATIONS_TAG: json.dumps(list(violations)), "rules.flagged_at": change.at})
+    if old is not None and old != version:
         tags[old] = {"champion.demoted_by": change.actor, "champion.demoted_at": change.at,
                      "champion.demotion_reason": change.reason, "champion.replaced_by": version}  # fmt: skip
     _record(client, change, tags)
@@ -224,21 +257,66 @@ def promote(name: str, reason: str, version: str | None = None, actor: str | Non
 
 def rollback(name: str, reason: str, actor: str | None = None, tracking_uri: str | None = None) -> AliasChange:
     """Move ``champion`` back to ``previous-champion`` (which is then removed) and record it."""
+    from components.registry_lock import registry_lock
+
     if not reason or not reason.strip():
         raise RegistryError("a rollback needs a reason (--reason)")
     client, uri = client_for(tracking_uri)
-    aliases = _aliases(client, name, uri)
-    if PREVIOUS_CHAMPION not in aliases:
-        raise RegistryError(f"model {name!r} has no {PREVIOUS_CHAMPION!r} alias to roll back to "
-                            f"(aliases: {aliases or 'none'})")  # fmt: skip
-    back, bad = aliases[PREVIOUS_CHAMPION], aliases.get(CHAMPION)
-    change = AliasChange(name, "rollback", back, bad, _actor(actor), _now(), reason.strip())
-    client.set_registered_model_alias(name, CHAMPION, back)
-    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
-    tags = {back: {"champion.restored_by": change.actor, "champion.restored_at": change.at,
-                   "champion.restore_reason": change.reason, "champion.replaced_version": str(bad)}}  # fmt: skip
-    if bad is not None:
-        tags[bad] = {"champion.rolled_back_by": change.actor, "champion.rolled_back_at": change.at,
-                     "champion.rollback_reason": change.reason, "champion.replaced_by": back}  # fmt: skip
-    _record(client, change, tags)
+    _aliases(client, name, uri)
+    with registry_lock(client, name):
+        aliases = _aliases(client, name, uri)
+        if PREVIOUS_CHAMPION not in aliases:
+            raise RegistryError(f"model {name!r} has no {PREVIOUS_CHAMPION!r} alias to roll back to "
+                                f"(aliases: {aliases or 'none'})")  # fmt: skip
+        back, bad = aliases[PREVIOUS_CHAMPION], aliases.get(CHAMPION)
+        change = AliasChange(name, "rollback", back, bad, _actor(actor), _now(), reason.strip())
+        client.set_registered_model_alias(name, CHAMPION, back)
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+        tags = {back: {"champion.restored_by": change.actor, "champion.restored_at": change.at,
+                       "champion.restore_reason": change.reason, "champion.replaced_version": str(bad)}}  # fmt: skip
+        if bad is not None:
+            tags[bad] = {"champion.rolled_back_by": change.actor, "champion.rolled_back_at": change.at,
+                         "champion.rollback_reason": change.reason, "champion.replaced_by": back}  # fmt: skip
+        _record(client, change, tags)
     return change
+
+
+# --- what a champion must have ------------------------------------------------------------------------------
+
+
+def champion_violations(client: Any, name: str, version: str, old: str | None) -> list[str]:
+    """The rules version ``version`` breaks as champion of ``name`` (``old``: the champion it replaces):
+
+    * it has an evaluation (``metric.name`` / ``metric.value`` tags, set by ``vilbert register``);
+    * the gate let it through (``gate.decision`` = ``challenger``);
+    * it is comparable with the champion it replaces (same metric and split) and not worse than it."""
+    tags = client.get_model_version(name, version).tags
+    found = []
+    metric, value = tags.get("metric.name"), _number(tags.get("metric.value"))
+    if not metric or value is None:
+        found.append(f"version {version} has no evaluation (no metric.name / metric.value tags): it was not "
+                     "registered by `vilbert register`")  # fmt: skip
+    decision = tags.get("gate.decision")
+    if decision is None:
+        found.append(f"version {version} never passed the gate (no gate.decision tag)")
+    elif decision != CHALLENGER:
+        found.append(f"the gate did not make version {version} a challenger ({decision}: {tags.get('gate.reason')})")
+    if old is not None and old != version and metric and value is not None:
+        before = client.get_model_version(name, old).tags
+        old_metric, old_value = before.get("metric.name"), _number(before.get("metric.value"))
+        if old_metric is None:
+            pass  # the replaced champion had no evaluation: nothing to compare with (it was flagged itself)
+        elif (old_metric, before.get("eval.split")) != (metric, tags.get("eval.split")):
+            found.append(f"version {version} ({metric} on {tags.get('eval.split')}) is not comparable with the "
+                         f"champion it replaces, version {old} ({old_metric} on {before.get('eval.split')})")  # fmt: skip
+        elif old_value is not None and value < old_value:
+            found.append(f"version {version} ({metric} {value:g}) is worse than the champion it replaces, "
+                         f"version {old} ({old_value:g})")  # fmt: skip
+    return found
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

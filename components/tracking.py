@@ -267,17 +267,31 @@ class Tracker:
 
         self._client = MlflowClient(tracking_uri=uri)
 
+    def _experiment_id(self, client: Any) -> str:
+        """The experiment's id, creating it when missing; a concurrent process may create it first (two
+        ``vilbert register`` at once): then its experiment is used."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = client.get_experiment_by_name(self.config.experiment)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        try:
+            return str(client.create_experiment(self.config.experiment, self._artifact_location()))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(self.config.experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
     def _open_run(self, tags: dict[str, str]) -> None:
         client = self._client
         if self.parent_run_id:
             self.experiment_id = client.get_run(self.parent_run_id).info.experiment_id
             tags["mlflow.parentRunId"] = self.parent_run_id
         else:
-            experiment = client.get_experiment_by_name(self.config.experiment)
-            if experiment is None:
-                self.experiment_id = client.create_experiment(self.config.experiment, self._artifact_location())
-            else:
-                self.experiment_id = experiment.experiment_id
+            self.experiment_id = self._experiment_id(client)
         if self.config.resume_key:
             key = self.config.resume_key.replace("'", "")
             found = client.search_runs(

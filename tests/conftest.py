@@ -107,3 +107,33 @@ def s3_bucket(s3_env, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# --- MLflow: a real `mlflow server` on loopback (webhooks to 127.0.0.1 allowed) ---
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """Start one ``mlflow server`` on 127.0.0.1 (free port, sqlite store in a temporary folder) for the session,
+    with the environment `make ui` gives it; yields a namespace with ``uri``, ``store``, ``log`` and ``artifacts``."""
+    from types import SimpleNamespace
+
+    from components.registry_ui import load_state, server_env, start_mlflow_server, stop_process
+
+    base = tmp_path_factory.mktemp("mlflow_server")
+    state = load_state(base / "state.json")
+    port = free_port()
+    store = f"sqlite:///{base / 'mlflow.db'}"
+    log = base / "server.log"
+    proc = start_mlflow_server(store, "127.0.0.1", port, server_env(state["encryption_key"]), log,
+                               artifacts=str(base / "artifacts"), cwd=base)  # fmt: skip
+    yield SimpleNamespace(uri=f"http://127.0.0.1:{port}", store=store, log=log, artifacts=base / "artifacts")
+    stop_process(proc)

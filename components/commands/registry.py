@@ -1,4 +1,6 @@
-"""``vilbert register`` / ``promote`` / ``rollback``: the model registry (components/registry.py)."""
+"""``vilbert register`` / ``promote`` / ``rollback`` / ``serve`` and ``vilbert registry ui`` / ``listen``: the model
+registry (components/registry.py), its events (components/registry_events.py) and serving the champion
+(components/serving_live.py)."""
 
 from __future__ import annotations
 
@@ -116,3 +118,99 @@ def _run(action: Any, what: str) -> None:
         console.print(f"[red]{what} failed: {exc}[/]")
         raise typer.Exit(1) from None
     console.print_json(json.dumps(change.to_dict()))
+
+
+# --- registry events and serving ------------------------------------------------------------------------------
+
+registry_app = typer.Typer(help="Registry events: the MLflow UI with the alias audit beside it.", no_args_is_help=True)
+Host = Annotated[str, typer.Option(help="Interface to listen on (loopback unless you mean otherwise).")]
+
+
+def _plain_log() -> Any:
+    """A log function printing each line as it is (no rich markup: lines carry URIs and JSON)."""
+    console = _console()
+    return lambda message: console.print(message, markup=False, highlight=False)
+
+
+def _serve_until_stopped(start: Any, stop: Any) -> None:
+    """``start()``, then wait for Ctrl-C or SIGTERM, then ``stop()`` (always)."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+@registry_app.command("ui")
+def ui_command(
+    backend_store_uri: Annotated[
+        str | None, typer.Option(help="MLflow store the UI shows (default: sqlite mlflow.db in the project root).")
+    ] = None,
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    listen_port: Annotated[int, typer.Option(help="Port of the alias-event receiver (webhook).")] = 5005,
+    state_file: Annotated[
+        str | None,
+        typer.Option(help="Where the webhook secret and encryption key are kept (default: under $XDG_STATE_HOME)."),
+    ] = None,
+) -> None:
+    """The MLflow UI (`mlflow server`, webhooks on) with `registry listen` beside it: promotions in the UI are
+    audited, keep `previous-champion`, and reach `vilbert serve` (stop with Ctrl-C)."""
+    _no_telemetry()
+    from pathlib import Path
+
+    from components.registry_ui import run_ui
+    from components.tracking import default_tracking_uri
+
+    store = backend_store_uri or default_tracking_uri()
+    run_ui(store, host, port, listen_port, Path(state_file) if state_file else None, log=_plain_log())
+
+
+@registry_app.command("listen")
+def listen_command(
+    tracking_uri: Annotated[str, typer.Option(help="The mlflow server (http://...) whose alias events to audit.")],
+    secret: Annotated[
+        str,
+        typer.Option(envvar="VILBERT_WEBHOOK_SECRET", help="HMAC secret of the webhook (or $VILBERT_WEBHOOK_SECRET)."),
+    ],
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the receiver.")] = 5005,
+) -> None:
+    """Audit alias changes of an `mlflow server` (which must allow loopback webhooks, see components/registry_ui.py):
+    who/when/previous holder in `alias.history`, `previous-champion` kept, broken rules flagged."""
+    _no_telemetry()
+    from components.registry_ui import Listener
+
+    listener = Listener(tracking_uri, secret, host, port, _plain_log())
+    _serve_until_stopped(listener.start, listener.stop)
+
+
+def serve_command(
+    name: Name,
+    tracking_uri: TrackingUri = None,
+    alias: Annotated[str, typer.Option(help="Alias to serve and follow.")] = "champion",
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of POST /invocations.")] = 5001,
+    poll: Annotated[float, typer.Option(help="Also check the alias every this many seconds (0: events only).")] = 30.0,
+    webhook: Annotated[bool, typer.Option(help="Subscribe to the server's alias events (http(s) registry).")] = True,
+) -> None:
+    """Serve models:/NAME@champion and follow it: a newly promoted version is loaded and health-checked, then
+    takes over (the old one keeps serving if it fails); every answer names the version that gave it."""
+    _no_telemetry()
+    from components.serving_live import ChampionService, ServeConfig
+
+    try:
+        config = ServeConfig(name=name, tracking_uri=tracking_uri, alias=alias, host=host, port=port, poll_s=poll,
+                             webhook=webhook)  # fmt: skip
+    except ValueError as exc:
+        _console().print(f"[red]serve failed: {exc}[/]")
+        raise typer.Exit(1) from None
+    service = ChampionService(config, log=_plain_log())
+    _serve_until_stopped(service.start, service.stop)
