@@ -232,6 +232,7 @@ def _check_spec(store: Any, final: Path) -> None:
 def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str, Any]) -> tuple[Any, Any]:
     """``(model, data)``: the checkpoint, and the split's dataset or retrieval gallery."""
     from components.data.regions import DEFAULT_MAX_REGIONS, RegionSource
+    from components.data.tasks import TASKS
     from components.evaluation.data import evaluation_data
     from components.features import FeatureStore
     from model.checkpoint import load_checkpoint, read_header
@@ -244,7 +245,9 @@ def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str
         model = load_checkpoint(folder.final)
     store = FeatureStore.open(uris["features"])
     _check_spec(store, folder.final)
-    regions = RegionSource(store, model.config, max_regions=int(folder.setting("max_regions") or DEFAULT_MAX_REGIONS))
+    blind = TASKS[task].blind if folder.setting("blind") and not config.zero_shot else None  # as it was trained
+    regions = RegionSource(store, model.config, max_regions=int(folder.setting("max_regions") or DEFAULT_MAX_REGIONS),
+                           blind=blind)  # fmt: skip
     tokenizer = load_tokenizer(folder.final)
     vocab = None
     if task == "vqa":
@@ -305,7 +308,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             tracking_uri=config.tracking_uri, parent_run_id=config.parent_run_id, enabled=config.tracking,
             system_metrics=config.system_metrics,
             tags={"task": task, "split": config.split, "init": str(step.get("init")), "seed": str(step.get("seed")),
-                  "zero_shot": str(config.zero_shot).lower(), "step": "evaluate"},
+                  "zero_shot": str(config.zero_shot).lower(), "blind": str(bool(folder.setting("blind"))).lower(),
+                  "step": "evaluate"},
         )  # fmt: skip
         with Tracker(tracking) as tracker:
             tracker.log_config({**dataclasses.asdict(config), "resolved": {**uris, "task": task, "device": str(device),
@@ -324,6 +328,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                 "task": task, "split": config.split, "metric": headline, "value": metrics[headline],
                 "metrics": metrics, "num_examples": len(predictions), "init": step.get("init"),
                 "seed": step.get("seed"), "model": str(config.model), "zero_shot": config.zero_shot,
+                "blind": bool(folder.setting("blind")) and not config.zero_shot,
                 "tracking_run_id": tracker.run_id, "dataset": uris["dataset"], "validation": uris["validation"],
                 "features": uris["features"], "dataset_report": data.report.to_dict(),
                 "max_examples": config.max_examples, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -8,7 +8,9 @@ Output: the trainer's layout plus ``step.json``, ``result.json`` and, for VQA, `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,15 @@ class FinetuneConfig:
     """VQA: answers given at least this often in the training annotations form the answer vocabulary."""
     max_regions: int = 37
     """Regions per image including the whole-image token."""
+    blind: bool = False
+    """Train the task's blind baseline (scratch init only): the model sees no image features - nothing of the image
+    for VQA, VCR and retrieval, only the region boxes for RefCOCO+ (``TaskSpec.blind``).  ``evaluate`` reads it from
+    step.json and evaluates the same way; the table shows it as its own row."""
+    head_lr_mult: float = 1.0
+    """The task's own head (VQA ``answer``, VCR and retrieval ``pair``, RefCOCO+ ``region``) trains at
+    ``trainer.lr`` times this; the trunk at ``trainer.lr``.  The head starts from random weights on top of pooled
+    vectors of small magnitude: within a short budget it needs a larger step than the BERT-initialised trunk
+    (the ``trainer.lr_multipliers`` this sets are recorded in step.json)."""
     nproc: int = 1
     """Processes on this machine (torchrun's elastic agent); ignored under an external torchrun."""
     max_restarts: int = 3
@@ -102,6 +113,15 @@ class FinetuneConfig:
             raise StepError(f"max_text_length must be >= 4, got {self.max_text_length}")
         if storage.is_s3(str(self.trainer.output_dir)):
             raise StepError("the output folder must be local (checkpoints are renamed atomically)")
+        if not (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult)):
+            raise StepError(f"head_lr_mult must be a positive number, got {self.head_lr_mult}")
+        if self.head_lr_mult != 1.0 and not self.trainer.lr_multipliers:
+            from components.data.tasks import TASKS
+
+            heads = tuple((f"{head}.", self.head_lr_mult) for head in TASKS[self.task].heads)
+            object.__setattr__(self, "trainer", dataclasses.replace(self.trainer, lr_multipliers=heads))
+        if self.blind and self.init != SCRATCH:
+            raise StepError("a blind baseline starts from scratch (init='scratch'): it must not see pretraining")
         if self.init == PRETRAINED and not self.pretrained:
             raise StepError("init 'pretrained' needs the pretrain output folder (pretrained=... / --pretrained)")
 
@@ -194,7 +214,8 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     vocab = AnswerVocab.load(config.output / VOCAB_FILE) if config.task == "vqa" else None
     model, mconfig = _load_model(config, len(vocab) if vocab else 1, info.is_main)
     tokenizer = payload["tokenizer"]
-    regions = RegionSource(config.features, mconfig, max_regions=config.max_regions)
+    blind = TASKS[config.task].blind if config.blind else None
+    regions = RegionSource(config.features, mconfig, max_regions=config.max_regions, blind=blind)
     files = TaskFiles(config.dataset, config.validation)
     dataset = build_task_dataset(config.task, files, regions, tokenizer, config.split, config.text_length,
                                  config.trainer.seed, vocab)  # fmt: skip
@@ -204,9 +225,10 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
         out = model(**model_inputs(batch), heads=spec.heads)
         return spec.loss(out, batch), {}
 
-    tags = {"task": config.task, "init": config.init_kind, "seed": str(config.trainer.seed)}
+    tags = {"task": config.task, "init": config.init_kind, "seed": str(config.trainer.seed),
+            "blind": str(config.blind).lower()}  # fmt: skip
     return train_tracked("finetune", config, payload, model, dataset, tokenizer, loss_fn,
-                         run_name=f"finetune-{config.task}-{config.init_kind}", tags=tags,
+                         run_name=f"finetune-{config.task}-{'blind' if config.blind else config.init_kind}", tags=tags,
                          lineage_tags={"lineage.init_from": str(config.init_path)})  # fmt: skip
 
 

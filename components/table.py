@@ -21,7 +21,8 @@ from components.steps import StepError, TrackingOptions, write_json
 TASK_ORDER = ("vqa", "vcr", "refcoco+", "retrieval")
 TASK_TITLES = {"vqa": "VQA", "vcr": "VCR Q→A", "refcoco+": "RefCOCO+", "retrieval": "Image retrieval"}
 ROWS = (("pretrained", "ViLBERT (pretrained)"), ("scratch", "ViLBERT, no multimodal pretraining"),
-        ("zero-shot", "Zero-shot (pretrained alignment head)"))  # fmt: skip
+        ("zero-shot", "Zero-shot (pretrained alignment head)"),
+        ("blind", "Blind baseline (no image; RefCOCO+: boxes only)"))  # fmt: skip
 METRICS_FILE = "metrics.json"
 
 
@@ -104,7 +105,7 @@ def collect(files: list[Path]) -> dict[tuple[str, str], Cell]:
         missing = [k for k in ("task", "metric", "value", "init", "seed") if k not in m]
         if missing:
             raise StepError(f"{path} lacks {missing}: not an evaluate metrics.json")
-        row = "zero-shot" if m.get("zero_shot") else m["init"]
+        row = "zero-shot" if m.get("zero_shot") else "blind" if m.get("blind") else m["init"]
         if row not in dict(ROWS):
             raise StepError(f"{path}: init {m['init']!r} is neither 'pretrained' nor 'scratch'")
         key = (m["task"], row, int(m["seed"]))
@@ -137,12 +138,18 @@ def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
         return f"{cell.mean:.1f}{spread}"
 
     for i, (row, title) in enumerate(ROWS):
-        lines.append(f"| ({'abc'[i]}) {title} | " + " | ".join(fmt(cells.get((t, row))) for t in tasks) + " |")
+        if row == "blind" and not any(k[1] == row for k in cells):
+            continue
+        lines.append(f"| ({'abcd'[i]}) {title} | " + " | ".join(fmt(cells.get((t, row))) for t in tasks) + " |")
     gains = []
     for t in tasks:
         a, b = cells.get((t, "pretrained")), cells.get((t, "scratch"))
         gains.append(f"{a.mean - b.mean:+.1f}{' *' if significant(a, b) else ''}" if a and b else "—")
     lines.append("| (a) − (b): gain from pretraining | " + " | ".join(gains) + " |")
+    if any(k[1] == "blind" for k in cells):
+        margins = [f"{a.mean - d.mean:+.1f}" if (a := cells.get((t, "pretrained"))) and (d := cells.get((t, "blind")))
+                   else "—" for t in tasks]  # fmt: skip
+        lines.append("| (a) − (d): what the image adds | " + " | ".join(margins) + " |")
     chances = [next((c.chance for (task, _), c in cells.items() if task == t and c.chance is not None), None)
                for t in tasks]  # fmt: skip
     if any(c is not None for c in chances):

@@ -117,8 +117,11 @@ def finetune_op(
     seed: int,
     experiment: str,
     model: Output[Model],
+    head_lr_mult: float = 1.0,
+    blind: bool = False,
 ) -> None:
-    """Fine-tune on one task from the pretrained model (``init="pretrained"``) or from scratch."""
+    """Fine-tune on one task from the pretrained model (``init="pretrained"``) or from scratch (``blind``: the
+    task's blind baseline, from scratch without the image)."""
     from components.finetune import FinetuneConfig, run_finetune
     from components.steps import TrackingOptions
     from components.training.config import TrainerConfig
@@ -134,6 +137,8 @@ def finetune_op(
             preset=preset,
             text_init=text_init,
             answer_min_count=answer_min_count,
+            head_lr_mult=head_lr_mult,
+            blind=blind,
             trainer=TrainerConfig(
                 output_dir=model.path,
                 epochs=epochs or None,
@@ -147,7 +152,7 @@ def finetune_op(
             tracking=TrackingOptions(experiment=experiment),
         )  # fmt: skip
     )
-    model.metadata.update({"task": task, "init": init, "steps": result.steps, "loss": result.final_loss,
+    model.metadata.update({"task": task, "init": init, "blind": blind, "steps": result.steps, "loss": result.final_loss,
                            "mlflow_run": result.tracking_run_id or ""})  # fmt: skip
 
 
@@ -199,11 +204,12 @@ def table_op(
     pretrained: Input[list[Dataset]],
     scratch: Input[list[Dataset]],
     zero_shot: Input[Dataset],
+    blind: Input[list[Dataset]],
     experiment: str,
     table: Output[Markdown],
     summary: Output[Metrics],
 ) -> None:
-    """The paper's table: pretrained vs. no multimodal pretraining vs. zero-shot, per task."""
+    """The paper's table: pretrained vs. no multimodal pretraining vs. zero-shot, and the blind baselines, per task."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -211,7 +217,7 @@ def table_op(
     from components.steps import TrackingOptions
     from components.table import TableConfig, run_table
 
-    folders = tuple(a.path for a in [*pretrained, *scratch, zero_shot])
+    folders = tuple(a.path for a in [*pretrained, *scratch, zero_shot, *blind])
     out = Path(tempfile.mkdtemp())
     result = run_table(
         TableConfig(evaluations=folders, output=str(out), tracking=TrackingOptions(experiment=experiment))

@@ -100,6 +100,8 @@ class PipelineParams:
     """finetune: examples per step."""
     finetune_lr: float = 1e-4
     """finetune: peak learning rate."""
+    finetune_head_lr_mult: float = 30.0
+    """finetune: the task head's learning rate is finetune_lr times this (the trunk's is finetune_lr)."""
     answer_min_count: int = 9
     """finetune (VQA): answer vocabulary threshold."""
     seed: int = 0
@@ -143,6 +145,8 @@ class PipelineParams:
                 errors.append(f"{name}: set {name}_epochs > 0 and/or {name}_max_steps > 0")
             if not getattr(self, f"{name}_lr") > 0:
                 errors.append(f"{name}_lr must be positive")
+        if not self.finetune_head_lr_mult > 0:
+            errors.append("finetune_head_lr_mult must be positive")
         if self.seed < 0 or self.pytorchjob_gpus_per_node < 0 or self.eval_max_examples < 0:
             errors.append("seed, pytorchjob_gpus_per_node and eval_max_examples must be >= 0")
         if errors:
@@ -235,6 +239,7 @@ def full_pipeline(
     finetune_max_steps: int = PipelineParams.finetune_max_steps,
     finetune_batch_size: int = PipelineParams.finetune_batch_size,
     finetune_lr: float = PipelineParams.finetune_lr,
+    finetune_head_lr_mult: float = PipelineParams.finetune_head_lr_mult,
     answer_min_count: int = PipelineParams.answer_min_count,
     seed: int = PipelineParams.seed,
     eval_split: str = PipelineParams.eval_split,
@@ -264,7 +269,8 @@ def full_pipeline(
     pretrained = pretrain.outputs["model"]
     common = dict(dataset=dataset, validation=validation, features=store, preset=preset, text_init=text_init,
                   epochs=finetune_epochs, max_steps=finetune_max_steps, batch_size=finetune_batch_size,
-                  lr=finetune_lr, answer_min_count=answer_min_count, seed=seed, experiment=experiment)  # fmt: skip
+                  lr=finetune_lr, head_lr_mult=finetune_head_lr_mult, answer_min_count=answer_min_count, seed=seed,
+                  experiment=experiment)  # fmt: skip
     evaluation = dict(dataset=dataset, validation=validation, features=store, split=eval_split,
                       batch_size=eval_batch_size, max_examples=eval_max_examples, experiment=experiment)  # fmt: skip
     with dsl.ParallelFor(tasks, name="tasks-pretrained") as task:
@@ -277,10 +283,15 @@ def full_pipeline(
     with dsl.ParallelFor(tasks, name="tasks-scratch") as task:
         scratch = _platform(finetune_op(task=task, init="scratch", pretrained=pretrained, **common), gpu=True, shm=True)
         scratch_eval = _platform(evaluate_op(model=scratch.outputs["model"], zero_shot=False, **evaluation), shm=True)
+    with dsl.ParallelFor(tasks, name="tasks-blind") as task:  # the same model and code without the image
+        blind = _platform(finetune_op(task=task, init="scratch", pretrained=pretrained, blind=True, **common), gpu=True,
+                          shm=True)  # fmt: skip
+        blind_eval = _platform(evaluate_op(model=blind.outputs["model"], zero_shot=False, **evaluation), shm=True)
     zero_shot = _platform(evaluate_op(model=pretrained, zero_shot=True, **evaluation), shm=True)
     _platform(table_op(pretrained=dsl.Collected(evaluated.outputs["evaluation"]),
                        scratch=dsl.Collected(scratch_eval.outputs["evaluation"]),
-                       zero_shot=zero_shot.outputs["evaluation"], experiment=experiment))  # fmt: skip
+                       zero_shot=zero_shot.outputs["evaluation"], blind=dsl.Collected(blind_eval.outputs["evaluation"]),
+                       experiment=experiment))  # fmt: skip
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ TINY_PARAMS = {
         "max_steps": 2,
         "batch_size": 4,
         "lr": 0.0001,
+        "head_lr_mult": 30,
         "answer_min_count": 1,
     },  # fmt: skip
     "evaluate": {"split": "test", "batch_size": 16, "max_examples": 20},
@@ -42,9 +43,8 @@ TINY_PARAMS = {
 def test_stages_read_only_declared_params_and_cover_every_step() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages)[:4] == ["ingest", "validate", "features", "pretrain"]
-    assert {"finetune-pretrained", "finetune-scratch", "evaluate", "evaluate-zero-shot", "table", "register"} <= set(
-        stages
-    )
+    assert {"finetune-pretrained", "finetune-scratch", "finetune-blind", "evaluate", "evaluate-zero-shot", "table",
+            "register"} <= set(stages)  # fmt: skip
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name, stage in stages.items():
         body = stage.get("do", stage)
@@ -103,7 +103,7 @@ def test_tiny_pipeline_under_dvc_repro_then_noop_then_remote_round_trip(tmp_path
         env[name] = str(tmp_path / name)
     dvc(project, "repro", env=env)
     table = (project / "runs/table/table.md").read_text()
-    assert "RefCOCO+" in table and "Zero-shot" in table
+    assert "RefCOCO+" in table and "Zero-shot" in table and "Blind baseline" in table
     assert (project / "dvc.lock").exists()
     assert json.loads((project / "runs/register/refcoco+.json").read_text())["name"] == "vilbert-refcoco-plus"
 

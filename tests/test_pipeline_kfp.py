@@ -44,7 +44,7 @@ def test_committed_yaml_is_current_and_parses(tmp_path: Path) -> None:
     tasks = spec.root.dag.tasks
     assert {"ingest-op", "validate-op", "features-op", "pretrain-op", "table-op"} <= set(tasks)
     loops = [t for t in tasks.values() if t.WhichOneof("iterator") == "parameter_iterator"]
-    assert len(loops) == 2  # pretrained and scratch fine-tuning fan out over the tasks
+    assert len(loops) == 3  # pretrained, scratch and blind fine-tuning fan out over the tasks
     assert set(spec.root.input_definitions.parameters) == {f for f in PipelineParams.__dataclass_fields__}
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     pretrain = platform["exec-pretrain-op"]
@@ -110,7 +110,7 @@ def test_tiny_pipeline_runs_end_to_end_with_kfp_local(tmp_path: Path) -> None:
     tables = list((tmp_path / "root").rglob("table-op/table"))
     assert tables, "the table step left no Markdown artifact"
     text = tables[0].read_text()
-    assert "VQA" in text and "Zero-shot" in text
+    assert "VQA" in text and "Zero-shot" in text and "Blind baseline" in text
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")

@@ -46,6 +46,12 @@ def finetune_command(
     batch_size: o.BatchSize = 32,
     grad_accum: o.GradAccum = 1,
     lr: o.LearningRate = 4e-5,
+    blind: Annotated[
+        bool, typer.Option(help="The task's blind baseline (scratch): no image features (RefCOCO+: boxes only).")
+    ] = False,
+    head_lr_mult: Annotated[
+        float, typer.Option(help="The task's head (random at the start) trains at --lr times this; the trunk at --lr.")
+    ] = 1.0,
     weight_decay: o.WeightDecay = 0.01,
     warmup: o.Warmup = 0.1,
     clip_norm: o.ClipNorm = 1.0,
@@ -108,6 +114,8 @@ def finetune_command(
         split=split,
         max_text_length=max_text_length,
         answer_min_count=answer_min_count,
+        blind=blind,
+        head_lr_mult=head_lr_mult,
         max_regions=max_regions,
         nproc=nproc,
         max_restarts=max_restarts,

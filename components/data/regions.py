@@ -9,6 +9,7 @@ detector's regions in its confidence order).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from model.config import ViLBertConfig
 from model.embeddings import normalized_boxes, with_image_token
 
 DEFAULT_MAX_REGIONS = 37  # the paper: 36 detected regions + the whole-image token
+BLIND_MODES = ("image", "position")
+"""What a blind baseline keeps of an image (:func:`blind_inputs`)."""
 
 
 class RegionDataError(DataError):
@@ -91,6 +94,26 @@ def region_inputs(record: RegionFeatures, max_regions: int = DEFAULT_MAX_REGIONS
     )
 
 
+def blind_inputs(inputs: RegionInputs, mode: str) -> RegionInputs:
+    """The image as a blind baseline sees it, through the same model and code path.
+
+    * ``image``: nothing of the image - one region (the whole-image token) with zero features, the same for
+      every image.  VQA with it is question-only, VCR answers-only (question + answer text), retrieval text-only.
+    * ``position``: the regions' boxes without their features (all zero): a RefCOCO+ model can only learn
+      where referred objects tend to be (the position prior); the boxes it scores stay the detector's.
+    """
+    if mode == "position":
+        return dataclasses.replace(inputs, features=torch.zeros_like(inputs.features),
+                                   class_probs=torch.zeros_like(inputs.class_probs))  # fmt: skip
+    if mode == "image":
+        return dataclasses.replace(
+            inputs, features=torch.zeros_like(inputs.features[:1]), boxes=inputs.boxes.new_tensor([[0, 0, 1, 1, 1]]),
+            region_mask=inputs.region_mask[:1].clone(), class_probs=torch.zeros_like(inputs.class_probs[:1]),
+            pixel_boxes=inputs.pixel_boxes[:1].clone(),
+        )  # fmt: skip
+    raise ValueError(f"unknown blind mode {mode!r}; choose from {', '.join(BLIND_MODES)}")
+
+
 class RegionSource:
     """A feature store seen as model inputs: ``source[image_id] -> RegionInputs``.
 
@@ -105,9 +128,13 @@ class RegionSource:
         config: ViLBertConfig,
         max_regions: int = DEFAULT_MAX_REGIONS,
         cache_dir: str | Path | None = None,
+        blind: str | None = None,
     ):
         if max_regions < 2:
             raise ValueError(f"max_regions must be >= 2, got {max_regions}")
+        if blind is not None and blind not in BLIND_MODES:
+            raise ValueError(f"unknown blind mode {blind!r}; choose from {', '.join(BLIND_MODES)}")
+        self.blind = blind
         opened = store if isinstance(store, FeatureStore) else FeatureStore.open(store, cache_dir=cache_dir)
         opened.spec.check_model(config)
         self.spec = opened.spec
@@ -135,7 +162,8 @@ class RegionSource:
             record = self.store.get(image_id, copy=False)  # region_inputs copies while converting to float32
         except KeyError:
             raise DataError(f"image {image_id!r} has no features in the store {self.root}") from None
-        return region_inputs(record, self.max_regions)
+        inputs = region_inputs(record, self.max_regions)
+        return inputs if self.blind is None else blind_inputs(inputs, self.blind)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

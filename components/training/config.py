@@ -30,6 +30,9 @@ class TrainerConfig:
     """Drop each epoch's last incomplete micro-batch (keeps every step the same size)."""
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
+    """``(name prefix, factor)`` pairs: a parameter whose name starts with a prefix trains at ``lr * factor`` (the
+    first matching pair counts; the rest train at ``lr``).  Fine-tuning gives its fresh task heads a larger rate."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay for matrices (biases and LayerNorms never decay)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -80,6 +83,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        object.__setattr__(self, "lr_multipliers", tuple((str(p), float(f)) for p, f in self.lr_multipliers))
         errors = []
         if self.max_steps is None and self.epochs is None:
             errors.append("set max_steps and/or epochs")
@@ -94,6 +98,9 @@ class TrainerConfig:
             errors.append(f"eval_every must be >= 1 or None, got {self.eval_every}")
         if not self.lr > 0:
             errors.append(f"lr must be positive, got {self.lr}")
+        bad = [f"{p!r}: {f}" for p, f in self.lr_multipliers if not (f > 0 and math.isfinite(f)) or not p]
+        if bad:
+            errors.append(f"lr_multipliers need a non-empty prefix and a positive factor, got {', '.join(bad)}")
         if self.weight_decay < 0:
             errors.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -120,6 +127,7 @@ class TrainerConfig:
         out = asdict(self)
         out["output_dir"] = str(self.output_dir)
         out["adam_betas"] = list(self.adam_betas)
+        out["lr_multipliers"] = [list(pair) for pair in self.lr_multipliers]
         return out
 
     @classmethod

@@ -7,7 +7,7 @@ Both keep their state in plain types (numbers, lists, tensors), so a checkpoint 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -16,18 +16,28 @@ from torch.optim.lr_scheduler import LambdaLR
 log = logging.getLogger(__name__)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases, LayerNorm and other 1-D parameters do not (as in BERT).
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                     multipliers: Sequence[tuple[str, float]] = ()) -> list[dict]:  # fmt: skip
+    """Matrices decay; biases, LayerNorm and other 1-D parameters do not (as in BERT).  With ``multipliers``
+    (``(name prefix, factor)``, first match counts) the parameters under a prefix form groups of their own at
+    ``lr * factor``.
 
     Frozen parameters (``requires_grad=False``) are left out."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, param in model.named_parameters():
+    if multipliers and lr is None:
+        raise ValueError("lr multipliers need the base lr")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        factor = next((f for prefix, f in multipliers if name.startswith(prefix)), 1.0)
+        groups.setdefault((factor, param.ndim >= 2), []).append(param)
+    out = []
+    for (factor, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1])):
+        group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if factor != 1.0:
+            group["lr"] = float(lr) * factor  # type: ignore[arg-type]
+        out.append(group)
+    return out
 
 
 def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
@@ -54,9 +64,11 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    multipliers: Sequence[tuple[str, float]] = (),
 ) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters.  ``fused=None`` uses the fused kernel where supported."""
-    groups = parameter_groups(model, weight_decay)
+    """AdamW over ``model``'s trainable parameters (``multipliers``: see :func:`parameter_groups`).
+    ``fused=None`` uses the fused kernel where supported."""
+    groups = parameter_groups(model, weight_decay, lr, multipliers)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     params = [p for g in groups for p in g["params"]]

@@ -245,7 +245,7 @@ class Trainer:
             raise ValueError(f"{self.sampler.samples_per_epoch()} samples per rank give no batch of {c.batch_size}")
         total = self._total_steps(micro_per_epoch)
         model = self.model.to(device)
-        optimizer = build_adamw(model, c.lr, c.weight_decay, c.adam_betas, c.adam_eps, c.fused_adamw)
+        optimizer = build_adamw(model, c.lr, c.weight_decay, c.adam_betas, c.adam_eps, c.fused_adamw, c.lr_multipliers)
         scheduler = warmup_linear_decay(optimizer, resolve_warmup(total, c.warmup_steps, c.warmup_fraction), total)
         run = _Progress()
         resumed_from = self._find_resume_point(info)

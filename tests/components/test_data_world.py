@@ -23,7 +23,7 @@ import torch
 
 from components.data.collate import Collator, model_inputs
 from components.data.common import DataError
-from components.data.regions import RegionDataError, RegionSource, region_inputs
+from components.data.regions import BLIND_MODES, RegionDataError, RegionSource, region_inputs
 from components.features import FeatureSpec, FeatureSpecMismatch, FeatureStoreWriter, RegionFeatures
 from model import preset
 from model.tokenizer import load_tokenizer
@@ -236,6 +236,24 @@ def test_region_source_checks_the_spec_and_survives_pickling(world: World, tmp_p
     bigger = TINY.replace(vision=replace(TINY.vision, feature_size=32))
     with pytest.raises(FeatureSpecMismatch, match="feature_size 24 != model vision.feature_size 32"):
         RegionSource(world.store, bigger)
+
+
+def test_blind_regions_keep_nothing_of_the_image_or_only_the_boxes(world: World) -> None:
+    """The blind baselines' view: ``image`` is one all-zero whole-image region, the same for every image;
+    ``position`` keeps every box and zeroes every feature.  An unknown mode is refused."""
+    seeing = world.regions()["syn-000003"]
+    views = {mode: RegionSource(world.store, TINY, blind=mode) for mode in BLIND_MODES}
+    blind = [views["image"][i] for i in ("syn-000003", "syn-000004")]
+    for got in blind:
+        assert got.num_regions == 1 and not got.features.any() and not got.class_probs.any()
+        assert got.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0]] and got.region_mask.tolist() == [1]
+    assert torch.equal(blind[0].features, blind[1].features) and torch.equal(blind[0].boxes, blind[1].boxes)
+    boxes = views["position"]["syn-000003"]
+    assert boxes.num_regions == seeing.num_regions > 1 and not boxes.features.any()
+    assert torch.equal(boxes.boxes, seeing.boxes) and torch.equal(boxes.pixel_boxes, seeing.pixel_boxes)
+    assert pickle.loads(pickle.dumps(views["position"])).blind == "position"
+    with pytest.raises(ValueError, match="unknown blind mode 'deaf'"):
+        RegionSource(world.store, TINY, blind="deaf")
 
 
 # --- collator -----------------------------------------------------------------------------------------------

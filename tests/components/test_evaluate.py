@@ -27,7 +27,7 @@ from tests.components.test_data_world import SPEC, TINY, World, shared_world, wr
 
 TEXT_LENGTH = {"vqa": 23, "vcr": 40, "refcoco+": 20, "retrieval": 30}
 #: metrics.json and predictions.jsonl keys as DATA_CONTRACTS.md lists them.
-METRICS_KEYS = {"task", "split", "metric", "value", "metrics", "num_examples", "init", "seed", "model", "zero_shot",
+METRICS_KEYS = {"task", "split", "metric", "value", "metrics", "num_examples", "init", "seed", "model", "zero_shot", "blind",
                 "tracking_run_id", "dataset", "validation", "features", "dataset_report", "max_examples", "created_at",
                 "seconds"}  # fmt: skip
 RECORD_KEYS = {
@@ -300,6 +300,34 @@ def test_zero_shot_retrieval_on_a_pretraining_checkpoint(world: World, models, t
     assert metrics["value"] == pytest.approx(100 * expected["image_retrieval"]["recall_at_1"])
     assert [r["rank"] for r in records] == expected["image_retrieval"]["ranks"]
     assert all(0 <= r["score"] <= 1 for r in records)  # alignment probabilities
+
+
+def _blind_copy(folder: Path, base: Path) -> Path:
+    """The model folder as a blind baseline's finetune writes it (step.json config ``blind: true``)."""
+    copy = base / f"{folder.name}-blind"
+    shutil.copytree(folder, copy)
+    step = json.loads((copy / "step.json").read_text())
+    step["config"]["blind"] = True
+    (copy / "step.json").write_text(json.dumps(step))
+    return copy
+
+
+def test_a_blind_baseline_is_evaluated_as_it_was_trained(world: World, models, tmp_path) -> None:
+    """Without the image, VQA answers a question text the same on every image, and retrieval scores every
+    gallery image alike: the pessimistic tie rule ranks each caption's image last (R@1 = 0, below chance)."""
+    _, metrics, records = evaluate(_blind_copy(models["vqa"], tmp_path), tmp_path / "vqa", pictures=0)
+    assert metrics["blind"] is True and metrics["init"] == "pretrained"
+    answers: dict[str, set[str]] = {}
+    for r in records:
+        answers.setdefault(r["question"], set()).add(r["prediction"])
+    assert all(len(a) == 1 for a in answers.values())
+    images = {q: {r["image_id"] for r in records if r["question"] == q} for q in answers}
+    assert max(len(i) for i in images.values()) > 1  # some question is asked of several images
+    _, seeing, _ = evaluate(models["vqa"], tmp_path / "vqa-seeing", pictures=0)
+    assert seeing["blind"] is False
+    _, metrics, records = evaluate(_blind_copy(models["retrieval"], tmp_path), tmp_path / "ret", pictures=0)
+    gallery = len({r["image_id"] for r in records})  # every test image has captions among the queries
+    assert {r["rank"] for r in records} == {gallery} and metrics["value"] == 0.0
 
 
 def test_output_to_s3(world: World, models, s3_bucket) -> None:

@@ -43,3 +43,22 @@ def test_table_shows_chance_and_marks_only_significant_gains(tmp_path) -> None:
     assert "+31.0 *" in gain  # vcr: far beyond the seeds' spread
     chance = next(line for line in table.splitlines() if line.startswith("| chance"))
     assert chance.split("|")[2:4] == [" 1.5 ", " 25.0 "]
+
+
+def test_blind_baseline_is_its_own_row_with_the_margin_over_it(tmp_path) -> None:
+    """metrics.json with ``blind: true`` (a scratch model that saw no image) is row (d), never mixed into (b)."""
+    for seed in range(2):
+        _write(tmp_path, "vqa", "pretrained", seed, 60.0 + seed, 3.8)
+        _write(tmp_path, "vqa", "scratch", seed, 50.0 + seed, 3.8)
+        _write(tmp_path / "blind", "vqa", "scratch", seed, 40.0 + seed, 3.8)
+    for path in (tmp_path / "blind").rglob("metrics.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "blind": True}))
+    cells = collect(find_metrics((str(tmp_path),)))
+    assert cells[("vqa", "scratch")].mean == 50.5 and cells[("vqa", "blind")].mean == 40.5
+    table = render_markdown(cells)
+    blind = next(line for line in table.splitlines() if line.startswith("| (d)"))
+    assert blind.split("|")[2].strip().startswith("40.5")
+    margin = next(line for line in table.splitlines() if line.startswith("| (a) − (d)"))
+    assert margin.split("|")[2].strip() == "+20.0"
+    without = render_markdown({k: c for k, c in cells.items() if k[1] != "blind"})
+    assert "(d)" not in without and "(a) − (d)" not in without

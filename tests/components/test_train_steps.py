@@ -84,12 +84,15 @@ def test_finetune_every_task(world: World, pretrained: Path, tmp_path: Path, tas
         text_init="none",
         tokenizer=None if init == "pretrained" else str(world.tokenizer_dir),
         answer_min_count=1,
+        head_lr_mult=10.0,
         tracking=TrackingOptions(enabled=False),
     )
     result = run_finetune(config)
     assert result.steps == 3 and result.final_loss == result.final_loss  # finite, not NaN
     step = json.loads((tmp_path / "ft" / "step.json").read_text())
     assert step["task"] == task and step["init"] == init
+    head = {"vqa": "answer", "refcoco+": "region"}.get(task, "pair")  # the task's own (fresh) head
+    assert step["config"]["trainer"]["lr_multipliers"] == [[f"{head}.", 10.0]]
     assert (step["init_from"] is not None) == (init == "pretrained")
     header = read_header(tmp_path / "ft" / "final")
     assert header["kind"] == "tasks"
@@ -150,6 +153,8 @@ def test_empty_split_is_a_clear_error(world: World, tmp_path: Path) -> None:
 def test_bad_settings_fail_before_training(world: World, tmp_path: Path) -> None:
     with pytest.raises(StepError, match="unknown task"):
         FinetuneConfig(task="nlvr2", dataset="d", features="f", trainer=trainer(tmp_path, 1))
+    with pytest.raises(StepError, match="head_lr_mult"):
+        FinetuneConfig(task="vqa", dataset="d", features="f", head_lr_mult=0.0, trainer=trainer(tmp_path, 1))
     with pytest.raises(StepError, match="needs the pretrain output"):
         FinetuneConfig(task="vqa", dataset="d", features="f", init="pretrained", trainer=trainer(tmp_path, 1))
     with pytest.raises(StepError, match="not a feature store"):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from components.training import checkpointing as ckpt
 from components.training.config import TrainerConfig, TrainerConfigError
-from components.training.optim import WarmupLinearDecay
+from components.training.optim import WarmupLinearDecay, build_adamw
 from components.training.trainer import HISTORY, Trainer, loss_series
 from model import ViLBertForPretraining, ViLBertForTasks, preset
 from model.checkpoint import load_checkpoint, read_feature_spec
@@ -199,6 +199,27 @@ def test_config_is_validated(tmp_path):
     assert all(s in str(err.value) for s in ("max_steps", "batch_size", "lr", "device"))
     cfg = TrainerConfig(output_dir=str(tmp_path), epochs=1.5)
     assert isinstance(cfg.output_dir, Path) and TrainerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_lr_multipliers_give_a_prefix_its_own_rate(tmp_path):
+    """The fine-tuning heads' larger rate: every parameter under a prefix at lr x factor, the rest at lr, the
+    weight-decay split kept in both, and the schedule scaling both groups alike."""
+    model = ViLBertForTasks(preset("tiny"), num_answers=5)
+    optimizer = build_adamw(model, 1e-4, 0.01, multipliers=(("answer.", 30.0),), fused=False)
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        lr, decay = rate[id(param)]
+        assert lr == pytest.approx(3e-3 if name.startswith("answer.") else 1e-4), name
+        assert decay == (0.01 if param.ndim >= 2 else 0.0), name
+    assert len(rate) == sum(1 for _ in model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup=0, total=4))
+    optimizer.step()
+    scheduler.step()
+    assert sorted({round(g["lr"], 9) for g in optimizer.param_groups}) == [7.5e-5, 2.25e-3]
+    cfg = TrainerConfig(output_dir=tmp_path, max_steps=1, lr_multipliers=[["answer.", 30]])
+    assert cfg.lr_multipliers == (("answer.", 30.0),) and TrainerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(TrainerConfigError, match="lr_multipliers"):
+        TrainerConfig(output_dir=tmp_path, max_steps=1, lr_multipliers=(("answer.", 0.0),))
 
 
 def test_warmup_then_linear_decay():

@@ -131,3 +131,6 @@ class TaskSpec:
     """``loss(task_output, batch) -> scalar``."""
     metric: str
     """The task's evaluation metric (as the evaluate step reports it)."""
+    blind: str = "image"
+    """What the task's blind baseline sees of an image (components.data.regions.blind_inputs): ``image`` (nothing:
+    question-only VQA, answers-only VCR, text-only retrieval) or ``position`` (boxes only: RefCOCO+)."""
