@@ -257,8 +257,9 @@ def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str
         if not path.is_file():
             raise DataError(f"{path} is missing: a VQA model needs the answer vocabulary its head was trained on")
         vocab = AnswerVocab.load(path)
-        if len(vocab) != model.answer.out.bias.shape[0]:
-            raise DataError(f"{path} has {len(vocab)} answers but the model's head {model.answer.out.bias.shape[0]}")
+        head = int(model.answer.out.bias.shape[0])  # type: ignore[union-attr,index]  # a tasks checkpoint
+        if len(vocab) != head:
+            raise DataError(f"{path} has {len(vocab)} answers but the model's head {head}")
     try:
         data = evaluation_data(task, uris["dataset"], uris["validation"], regions, tokenizer, config.split,
                           folder.setting("max_text_length"), vocab)  # fmt: skip

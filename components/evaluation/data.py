@@ -37,22 +37,22 @@ def evaluation_data(
     Raises :class:`DataError` when the split cannot be scored: VQA without an annotation file, VCR rows without
     ``answer_label`` (and ``EmptySplitError`` / ``MissingFeaturesError`` from the datasets)."""
     files = TaskFiles(dataset, validation)
-    length = {} if max_text_length is None else {"max_text_length": int(max_text_length)}
+    length: dict[str, Any] = {} if max_text_length is None else {"max_text_length": int(max_text_length)}
     if task == "vqa":
         if vocab is None:
             raise ValueError("VQA evaluation needs the answer vocabulary")
-        data = VQADataset(files, regions, tokenizer, vocab, VQADataConfig(split=split, **length))
-        if not data.annotated:
+        vqa = VQADataset(files, regions, tokenizer, vocab, VQADataConfig(split=split, **length))
+        if not vqa.annotated:
             raise DataError(f"VQA split {split!r} of {dataset} has no annotation file: accuracy cannot be computed "
                             "(VQA's test-dev answers are scored by the official server)")  # fmt: skip
-        return data
+        return vqa
     if task == "vcr":
-        data = VCRDataset(files, regions, tokenizer, VCRDataConfig(split=split, **length))
-        unlabelled = [it["row_id"] for it in data.items if not _label_ok(it["row"].get("answer_label"))]
+        vcr = VCRDataset(files, regions, tokenizer, VCRDataConfig(split=split, **length))
+        unlabelled = [it["row_id"] for it in vcr.items if not _label_ok(it["row"].get("answer_label"))]
         if unlabelled:
             raise DataError(f"{len(unlabelled)} VCR rows of split {split!r} have no valid answer_label "
                             f"(e.g. {unlabelled[:5]}): Q->A accuracy cannot be computed")  # fmt: skip
-        return data
+        return vcr
     if task == "refcoco+":
         return RefCOCODataset(files, regions, tokenizer, RefCOCODataConfig(split=split, **length))
     if task == "retrieval":

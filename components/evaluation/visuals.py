@@ -79,13 +79,13 @@ def make_pictures(
     task, records = predictions.task, predictions.records
     paths: list[Path] = []
     if task == "retrieval":
-        examples = []
+        ranked_examples: list[pictures.RetrievalExample] = []
         for r in (records[i] for i in spread(len(records), min(count, 8))):
             ranked = r["top_k"][:RETRIEVAL_TOP]
             correct = ranked.index(r["target"]) if r["target"] in ranked else None
-            examples.append(pictures.RetrievalExample(r["caption"], [images(i) for i in ranked], correct,
-                                                      r["top_k_scores"][:RETRIEVAL_TOP]))  # fmt: skip
-        paths.append(pictures.retrieval_examples_png(out_dir, examples))
+            ranked_examples.append(pictures.RetrievalExample(r["caption"], [images(i) for i in ranked], correct,
+                                                             r["top_k_scores"][:RETRIEVAL_TOP]))  # fmt: skip
+        paths.append(pictures.retrieval_examples_png(out_dir, ranked_examples))
     elif task == "refcoco+":
         examples = [pictures.GroundingExample(images(r["image_id"]), r["expression"], r["prediction"], r["target"])
                     for r in (records[i] for i in spread(len(records), min(count, 12)))]  # fmt: skip
@@ -120,7 +120,7 @@ def attention_inputs(predictions: Predictions, index: int, data: Any) -> tuple[d
     if predictions.task == "retrieval":
         text = encode_text(data.tokenizer, record["caption"], data.config.max_text_length)
         regions = data.regions[record["target"]]
-        inputs = {**{k: text[k] for k in _TRUNK_KEYS[:3]},
+        inputs: dict[str, torch.Tensor] = {**{k: text[k] for k in _TRUNK_KEYS[:3]},
                   "features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}  # fmt: skip
         return {k: v[None] for k, v in inputs.items()}, record["target"], record["caption"]
     item = data[index]
@@ -128,14 +128,14 @@ def attention_inputs(predictions: Predictions, index: int, data: Any) -> tuple[d
         inputs = {k: item[k][record["prediction"]][None] for k in _TRUNK_KEYS}
     else:
         inputs = {k: item[k][None] for k in _TRUNK_KEYS}
-    text = record.get("question") if predictions.task != "refcoco+" else record.get("expression")
-    return inputs, record["image_id"], str(text)
+    words = record.get("question") if predictions.task != "refcoco+" else record.get("expression")
+    return inputs, record["image_id"], str(words)
 
 
 def coattention_map(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device | str) -> Any:
     """Text->vision co-attention of the last co-attention block, mean over heads: float32 (T, R), or None when
     the model has no co-attention blocks."""
-    trunk = model.vilbert
+    trunk: Any = model.vilbert
     was_training = model.training
     model.eval()
     try:
