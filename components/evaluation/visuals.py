@@ -173,6 +173,8 @@ def attention_pictures(
     title = f"co-attention (last block, mean of heads): {text}"
     paths = [pictures.attention_matrix_png(out_dir, matrix, words, region_labels=labels, title=title[:120],
                                            name=f"coattention_{number:02d}.png")]  # fmt: skip
+    if regions < 2:  # no detected region (a blind baseline sees only the whole-image token): nothing to point at
+        return paths
     # the word whose attention is most concentrated on one detected region (special tokens are not words)
     specials = set(data.tokenizer.all_special_ids)
     candidates = [i for i, token in enumerate(ids) if token not in specials] or [0]

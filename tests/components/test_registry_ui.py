@@ -183,8 +183,12 @@ def test_a_promotion_in_the_ui_is_audited_served_and_rolled_back(stack: Stack, t
             "promote", new, old, "mlflow-ui", "mlflow-ui")  # fmt: skip
         assert move["reason"] == "set in the MLflow UI" and move["violations"] == [] and move["at"].endswith("+00:00")
         record = [r for r in history(client, NAME) if r["alias"] == "champion"][-1]
-        told = record["delivery_id"] != "reconciled"  # a signed webhook told it, the reconciliation did not find it
-        assert (record["version"], record["previous"], record["source"], told) == (new, old, "mlflow-ui", True)
+        # recorded once, from the signed webhook or - when the machine is loaded and the delivery comes late - from
+        # the listener's reconciliation a few seconds on; that webhooks arrive is shown below: `vilbert serve --poll 0`
+        # only learns of the promotion from its own webhook
+        assert (record["version"], record["previous"], record["source"]) == (new, old, "mlflow-ui")
+        assert record["delivery_id"] and len([r for r in history(client, NAME) if r["alias"] == "champion"
+                                              and r["version"] == new]) == 1  # fmt: skip
         tags = client.get_model_version(NAME, new).tags
         assert tags["champion.promoted_by"] == "mlflow-ui" and VIOLATIONS_TAG not in tags
         # the server answers with the new version, loaded because the webhook fired (serve polls never: --poll 0)
