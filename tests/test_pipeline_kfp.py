@@ -120,7 +120,9 @@ def test_tiny_pipeline_runs_end_to_end_with_kfp_local(tmp_path: Path) -> None:
     parent = [r for r in runs if r.info.run_name == "pipeline-kfp-local"]
     assert parent and any(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in runs)
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("evaluation/metrics.json")]
-    assert len(metrics) == 3  # (pretrained, scratch) + zero-shot
+    assert len(metrics) == 4  # (pretrained, scratch, blind) + zero-shot
+    rows = sorted(("zero-shot" if m["zero_shot"] else m["init"], m["blind"]) for m in metrics)
+    assert rows == [("pretrained", False), ("scratch", False), ("scratch", True), ("zero-shot", False)]
 
 
 def test_data_version_of_an_s3_source_follows_its_content(s3_bucket: str) -> None:
