@@ -229,8 +229,10 @@ def _check_spec(store: Any, final: Path) -> None:
                                   "'features'), or extract features with the same backend")  # fmt: skip
 
 
-def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str, Any]) -> tuple[Any, Any]:
-    """``(model, data)``: the checkpoint, and the split's dataset or retrieval gallery."""
+def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str, Any],
+          blind: bool) -> tuple[Any, Any]:  # fmt: skip
+    """``(model, data)``: the checkpoint, and the split's dataset or retrieval gallery (``blind``: seen as the
+    task's blind baseline was trained)."""
     from components.data.regions import DEFAULT_MAX_REGIONS, RegionSource
     from components.data.tasks import TASKS
     from components.evaluation.data import evaluation_data
@@ -245,9 +247,8 @@ def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str
         model = load_checkpoint(folder.final)
     store = FeatureStore.open(uris["features"])
     _check_spec(store, folder.final)
-    blind = TASKS[task].blind if folder.setting("blind") and not config.zero_shot else None  # as it was trained
     regions = RegionSource(store, model.config, max_regions=int(folder.setting("max_regions") or DEFAULT_MAX_REGIONS),
-                           blind=blind)  # fmt: skip
+                           blind=TASKS[task].blind if blind else None)  # fmt: skip
     tokenizer = load_tokenizer(folder.final)
     vocab = None
     if task == "vqa":
@@ -289,6 +290,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     folder = ModelFolder.read(config.model)
     task = _task_of(folder, config.zero_shot)
     uris = _resolve(config, folder)
+    blind = bool(folder.setting("blind")) and not config.zero_shot  # a blind baseline's finetune records it
     device = _device(config.device)
     threads = torch.get_num_threads()
     if config.threads:
@@ -300,7 +302,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     else:
         staging = Path(tempfile.mkdtemp(prefix="vilbert-evaluate-"))
     try:
-        model, data = _load(config, folder, task, uris)
+        model, data = _load(config, folder, task, uris, blind)
         model.to(device)
         run_name = config.run_name or ("evaluate-zero-shot-retrieval" if config.zero_shot else f"evaluate-{task}")
         step = folder.step
@@ -309,7 +311,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             tracking_uri=config.tracking_uri, parent_run_id=config.parent_run_id, enabled=config.tracking,
             system_metrics=config.system_metrics,
             tags={"task": task, "split": config.split, "init": str(step.get("init")), "seed": str(step.get("seed")),
-                  "zero_shot": str(config.zero_shot).lower(), "blind": str(bool(folder.setting("blind"))).lower(),
+                  "zero_shot": str(config.zero_shot).lower(), "blind": str(blind).lower(),
                   "step": "evaluate"},
         )  # fmt: skip
         with Tracker(tracking) as tracker:
@@ -329,7 +331,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                 "task": task, "split": config.split, "metric": headline, "value": metrics[headline],
                 "metrics": metrics, "num_examples": len(predictions), "init": step.get("init"),
                 "seed": step.get("seed"), "model": str(config.model), "zero_shot": config.zero_shot,
-                "blind": bool(folder.setting("blind")) and not config.zero_shot,
+                "blind": blind,
                 "tracking_run_id": tracker.run_id, "dataset": uris["dataset"], "validation": uris["validation"],
                 "features": uris["features"], "dataset_report": data.report.to_dict(),
                 "max_examples": config.max_examples, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

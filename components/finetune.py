@@ -115,11 +115,15 @@ class FinetuneConfig:
             raise StepError("the output folder must be local (checkpoints are renamed atomically)")
         if not (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult)):
             raise StepError(f"head_lr_mult must be a positive number, got {self.head_lr_mult}")
-        if self.head_lr_mult != 1.0 and not self.trainer.lr_multipliers:
+        if self.head_lr_mult != 1.0:
             from components.data.tasks import TASKS
 
             heads = tuple((f"{head}.", self.head_lr_mult) for head in TASKS[self.task].heads)
-            object.__setattr__(self, "trainer", dataclasses.replace(self.trainer, lr_multipliers=heads))
+            if not self.trainer.lr_multipliers:
+                object.__setattr__(self, "trainer", dataclasses.replace(self.trainer, lr_multipliers=heads))
+            elif self.trainer.lr_multipliers != heads:  # the same ones (a config read back from step.json) are fine
+                raise StepError(f"head_lr_mult {self.head_lr_mult:g} asks for lr_multipliers {list(heads)}, but the "
+                                f"trainer config has {list(self.trainer.lr_multipliers)}: set one of them")  # fmt: skip
         if self.blind and self.init != SCRATCH:
             raise StepError("a blind baseline starts from scratch (init='scratch'): it must not see pretraining")
         if self.init == PRETRAINED and not self.pretrained:

@@ -41,7 +41,14 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from components.registry_rules import CHALLENGER, CHAMPION, HISTORY_TAG, MAX_HISTORY_CHARS, PREVIOUS_CHAMPION
+from components.registry_rules import (
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_TAG,
+    MAX_HISTORY_CHARS,
+    PREVIOUS_CHAMPION,
+    utc_now,
+)
 
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 ALIAS_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
@@ -119,7 +126,7 @@ class WebhookEndpoint:
         version = data.get("version")
         return RegistryEvent(str(payload.get("entity")), str(payload.get("action")), str(data.get("name")),
                              data.get("alias"), None if version is None else str(version),
-                             str(payload.get("timestamp") or _now()), delivery)  # fmt: skip
+                             str(payload.get("timestamp") or utc_now()), delivery)  # fmt: skip
 
 
 # --- a small JSON server on loopback ------------------------------------------------------------------------
@@ -293,7 +300,7 @@ class AliasAuditor:
                 if state.get(alias) != now.get(alias):
                     action = "deleted" if alias not in now else "created"
                     found += "recorded_already" not in self.handle(RegistryEvent(
-                        "model_version_alias", action, model.name, alias, now.get(alias), _now(), RECONCILED))  # fmt: skip
+                        "model_version_alias", action, model.name, alias, now.get(alias), utc_now(), RECONCILED))  # fmt: skip
         return found
 
     def handle(self, event: RegistryEvent) -> dict[str, Any]:
@@ -399,7 +406,3 @@ def _recent(entry: Mapping[str, Any]) -> bool:
     except ValueError:
         return False
     return (dt.datetime.now(dt.UTC) - at).total_seconds() < RECENT_S
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -196,7 +196,8 @@ def _record(client: Any, change: AliasChange, tags: dict[str, dict[str, str]]) -
     client.set_registered_model_tag(change.name, HISTORY_TAG, json.dumps(history))
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second (the time of every recorded registry change)."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
@@ -238,7 +239,7 @@ def adopt_champion(client: Any, name: str, version: str, old: str | None, actor:
 def _after_promotion(client: Any, name: str, version: str, old: str | None, aliases: dict[str, str], actor: str,
                      reason: str, source: str) -> AliasChange:  # fmt: skip
     violations = tuple(champion_violations(client, name, version, old))
-    change = AliasChange(name, "promote", version, old, actor, _now(), reason, source, violations)
+    change = AliasChange(name, "promote", version, old, actor, utc_now(), reason, source, violations)
     if old is not None and old != version:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
     if aliases.get(CHALLENGER) == version:
@@ -269,7 +270,7 @@ def rollback(name: str, reason: str, actor: str | None = None, tracking_uri: str
             raise RegistryError(f"model {name!r} has no {PREVIOUS_CHAMPION!r} alias to roll back to "
                                 f"(aliases: {aliases or 'none'})")  # fmt: skip
         back, bad = aliases[PREVIOUS_CHAMPION], aliases.get(CHAMPION)
-        change = AliasChange(name, "rollback", back, bad, _actor(actor), _now(), reason.strip())
+        change = AliasChange(name, "rollback", back, bad, _actor(actor), utc_now(), reason.strip())
         client.set_registered_model_alias(name, CHAMPION, back)
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
         tags = {back: {"champion.restored_by": change.actor, "champion.restored_at": change.at,

@@ -19,7 +19,6 @@ Routes (JSON, on 127.0.0.1 by default):
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import secrets
 import sys
@@ -41,7 +40,7 @@ from components.registry_events import (
     event_route,
     remove_webhook,
 )
-from components.registry_rules import CHAMPION
+from components.registry_rules import CHAMPION, utc_now
 
 
 class ServeError(RuntimeError):
@@ -146,7 +145,7 @@ class ChampionService:
         if len(answer) != 1 or missing:
             raise ServeError(f"{uri} failed its health check: {len(answer)} rows for 1, missing columns "
                              f"{sorted(missing)}")  # fmt: skip
-        return Serving(version, model, task, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        return Serving(version, model, task, utc_now())
 
     def refresh(self, why: str) -> bool:
         """Load the alias's version if it is not the one serving; True when a new version took over."""

@@ -137,8 +137,9 @@ def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
         spread = f" ± {cell.std:.1f}" if len(cell.values) > 1 else ""
         return f"{cell.mean:.1f}{spread}"
 
+    has_blind = any(row == "blind" for _, row in cells)
     for i, (row, title) in enumerate(ROWS):
-        if row == "blind" and not any(k[1] == row for k in cells):
+        if row == "blind" and not has_blind:
             continue
         lines.append(f"| ({'abcd'[i]}) {title} | " + " | ".join(fmt(cells.get((t, row))) for t in tasks) + " |")
     gains = []
@@ -146,7 +147,7 @@ def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
         a, b = cells.get((t, "pretrained")), cells.get((t, "scratch"))
         gains.append(f"{a.mean - b.mean:+.1f}{' *' if significant(a, b) else ''}" if a and b else "—")
     lines.append("| (a) − (b): gain from pretraining | " + " | ".join(gains) + " |")
-    if any(k[1] == "blind" for k in cells):
+    if has_blind:
         margins = [f"{a.mean - d.mean:+.1f}" if (a := cells.get((t, "pretrained"))) and (d := cells.get((t, "blind")))
                    else "—" for t in tasks]  # fmt: skip
         lines.append("| (a) − (d): what the image adds | " + " | ".join(margins) + " |")

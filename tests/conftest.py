@@ -112,14 +112,6 @@ def s3_bucket(s3_env, request) -> str:
 # --- MLflow: a real `mlflow server` on loopback (webhooks to 127.0.0.1 allowed) ---
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """Start one ``mlflow server`` on 127.0.0.1 (free port, sqlite store in a temporary folder) for the session,
@@ -127,6 +119,7 @@ def mlflow_server(tmp_path_factory):
     from types import SimpleNamespace
 
     from components.registry_ui import load_state, server_env, start_mlflow_server, stop_process
+    from components.training.launch import free_port
 
     base = tmp_path_factory.mktemp("mlflow_server")
     state = load_state(base / "state.json")

@@ -94,6 +94,13 @@ def region_inputs(record: RegionFeatures, max_regions: int = DEFAULT_MAX_REGIONS
     )
 
 
+def check_blind_mode(mode: str) -> str:
+    """``mode`` when it is one of :data:`BLIND_MODES`, else a ValueError naming them."""
+    if mode not in BLIND_MODES:
+        raise ValueError(f"unknown blind mode {mode!r}; choose from {', '.join(BLIND_MODES)}")
+    return mode
+
+
 def blind_inputs(inputs: RegionInputs, mode: str) -> RegionInputs:
     """The image as a blind baseline sees it, through the same model and code path.
 
@@ -102,16 +109,15 @@ def blind_inputs(inputs: RegionInputs, mode: str) -> RegionInputs:
     * ``position``: the regions' boxes without their features (all zero): a RefCOCO+ model can only learn
       where referred objects tend to be (the position prior); the boxes it scores stay the detector's.
     """
-    if mode == "position":
-        return dataclasses.replace(inputs, features=torch.zeros_like(inputs.features),
-                                   class_probs=torch.zeros_like(inputs.class_probs))  # fmt: skip
-    if mode == "image":
+    if check_blind_mode(mode) == "image":
         return dataclasses.replace(
             inputs, features=torch.zeros_like(inputs.features[:1]), boxes=inputs.boxes.new_tensor([[0, 0, 1, 1, 1]]),
             region_mask=inputs.region_mask[:1].clone(), class_probs=torch.zeros_like(inputs.class_probs[:1]),
             pixel_boxes=inputs.pixel_boxes[:1].clone(),
         )  # fmt: skip
-    raise ValueError(f"unknown blind mode {mode!r}; choose from {', '.join(BLIND_MODES)}")
+    # position: every box, no feature
+    return dataclasses.replace(inputs, features=torch.zeros_like(inputs.features),
+                               class_probs=torch.zeros_like(inputs.class_probs))  # fmt: skip
 
 
 class RegionSource:
@@ -132,9 +138,7 @@ class RegionSource:
     ):
         if max_regions < 2:
             raise ValueError(f"max_regions must be >= 2, got {max_regions}")
-        if blind is not None and blind not in BLIND_MODES:
-            raise ValueError(f"unknown blind mode {blind!r}; choose from {', '.join(BLIND_MODES)}")
-        self.blind = blind
+        self.blind = None if blind is None else check_blind_mode(blind)
         opened = store if isinstance(store, FeatureStore) else FeatureStore.open(store, cache_dir=cache_dir)
         opened.spec.check_model(config)
         self.spec = opened.spec

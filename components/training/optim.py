@@ -16,15 +16,13 @@ from torch.optim.lr_scheduler import LambdaLR
 log = logging.getLogger(__name__)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float,
                      multipliers: Sequence[tuple[str, float]] = ()) -> list[dict]:  # fmt: skip
     """Matrices decay; biases, LayerNorm and other 1-D parameters do not (as in BERT).  With ``multipliers``
     (``(name prefix, factor)``, first match counts) the parameters under a prefix form groups of their own at
     ``lr * factor``.
 
     Frozen parameters (``requires_grad=False``) are left out."""
-    if multipliers and lr is None:
-        raise ValueError("lr multipliers need the base lr")
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -35,7 +33,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = N
     for (factor, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1])):
         group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
         if factor != 1.0:
-            group["lr"] = float(lr) * factor  # type: ignore[arg-type]
+            group["lr"] = lr * factor
         out.append(group)
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from components.registry import RegisterConfig, read_inputs, stage_artifacts
 from components.serving import OUTPUT_COLUMNS, ServingInputError, ViLBertPredictor, image_bytes
 from components.serving_bundle import BundleError
 from components.sources.synthetic import SyntheticConfig, generate_image
+from components.training.launch import free_port
 from model import ViLBertForTasks
 from model.checkpoint import save_checkpoint
 from tests.components.test_data_world import TINY, World, shared_world
@@ -381,12 +381,6 @@ def test_a_detector_store_bundles_the_user_weights(setup: Setup, tmp_path) -> No
 
 
 # --- mlflow models serve ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serving_env(tracking_uri: str) -> dict[str, str]:

@@ -3,6 +3,7 @@ checkpoint and from scratch, bad input (missing features, mismatched spec, empty
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -155,6 +156,11 @@ def test_bad_settings_fail_before_training(world: World, tmp_path: Path) -> None
         FinetuneConfig(task="nlvr2", dataset="d", features="f", trainer=trainer(tmp_path, 1))
     with pytest.raises(StepError, match="head_lr_mult"):
         FinetuneConfig(task="vqa", dataset="d", features="f", head_lr_mult=0.0, trainer=trainer(tmp_path, 1))
+    clash = dataclasses.replace(trainer(tmp_path, 1), lr_multipliers=(("pair.", 5.0),))
+    with pytest.raises(StepError, match="set one of them"):
+        FinetuneConfig(task="vqa", dataset="d", features="f", head_lr_mult=30.0, trainer=clash)
+    same = dataclasses.replace(trainer(tmp_path, 1), lr_multipliers=(("answer.", 30.0),))  # as read from step.json
+    assert FinetuneConfig(task="vqa", dataset="d", features="f", head_lr_mult=30.0, trainer=same).trainer == same
     with pytest.raises(StepError, match="needs the pretrain output"):
         FinetuneConfig(task="vqa", dataset="d", features="f", init="pretrained", trainer=trainer(tmp_path, 1))
     with pytest.raises(StepError, match="not a feature store"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.training.launch import free_port
 from tests.infra.k8s_checks import K8S
 
 pytest.importorskip("mlflow", reason="mlflow is not installed")
@@ -57,12 +57,6 @@ def _server_args(settings: dict[str, str], port: int, sqlite: Path) -> list[str]
         out.append(f"{key}={replaced[key]}" if key in replaced else arg)
     assert out[0] == "server" and "--app-name=basic-auth" in out
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str, host: str | None = None, auth: tuple[str, str] | None = None) -> int:
@@ -111,7 +105,7 @@ def mlflow_server(tmp_path, moto_endpoint):
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", *_server_args(settings, port, tmp_path / "mlflow.db")]
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
