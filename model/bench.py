@@ -330,7 +330,8 @@ def time_training(
         "max_other_load_discarded": max((o for _, o in disturbed), default=0.0),
         "peak_rss_mb": peak / 2**20,
         "rss_before_training_mb": rss_start / 2**20,
-        "train_rss_delta_mb": (peak - rss_start) / 2**20,
+        # ru_maxrss and the current RSS are counted differently (a few KiB apart): never below zero
+        "train_rss_delta_mb": max(peak - rss_start, 0) / 2**20,
         "peak_reached_during_training": peak > usage_start.ru_maxrss * 1024,
         "last_loss": last,
         "page_faults_per_step": faults / (done - warmup),

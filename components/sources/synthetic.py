@@ -85,6 +85,10 @@ class SyntheticConfig:
     """VQA questions per image (0-99)."""
     answer_noise: float = 0.2
     """Chance that one of the ten VQA annotators deviates (a synonym, a number word or a mistake)."""
+    yes_no_noise: float = 0.02
+    """The same for yes/no questions.  They have no other words for the same answer, so every deviation
+    is the opposite answer and gives it partial credit; at ``answer_noise`` a constant "yes" would score
+    about 78 on them."""
     refs_per_image: int = 2
     """RefCOCO+ referred objects per image (0-99)."""
     vcr_per_image: int = 2
@@ -115,7 +119,7 @@ class SyntheticConfig:
         )
         for name in ("val_fraction", "test_fraction", "distractor_fraction", "twin_prob"):
             need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("caption_wrong_fraction", "answer_noise"):
+        for name in ("caption_wrong_fraction", "answer_noise", "yes_no_noise"):
             need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         need(0.3 <= self.min_visible <= 1, f"min_visible must be in [0.3, 1], got {self.min_visible}")
         need(

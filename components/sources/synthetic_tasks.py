@@ -68,7 +68,13 @@ def image_tasks(config: SyntheticConfig, scene: Scene) -> ImageTasks:
     seed, index, facts = config.seed, scene.index, SceneFacts(scene)
     return ImageTasks(
         captions=pretraining_captions(facts, image_rng(seed, index, STREAM_CAPTIONS), config),
-        vqa=vqa_items(facts, image_rng(seed, index, STREAM_VQA), config.questions_per_image, config.answer_noise),
+        vqa=vqa_items(
+            facts,
+            image_rng(seed, index, STREAM_VQA),
+            config.questions_per_image,
+            config.answer_noise,
+            config.yes_no_noise,
+        ),
         refs=refs_items(facts, image_rng(seed, index, STREAM_REFS), config.refs_per_image),
         flickr=flickr_sentences(facts, image_rng(seed, index, STREAM_FLICKR)),
         vcr=vcr_items(facts, image_rng(seed, index, STREAM_VCR), config.vcr_per_image),

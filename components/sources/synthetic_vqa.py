@@ -181,8 +181,11 @@ def human_answers(rng: np.random.Generator, scene: Scene, answer: str, answer_ty
     ]
 
 
-def vqa_items(facts: SceneFacts, rng: np.random.Generator, per_image: int, noise: float) -> list[dict[str, Any]]:
-    """Up to ``per_image`` distinct questions with answers; question ids are ``index * 100 + k``."""
+def vqa_items(
+    facts: SceneFacts, rng: np.random.Generator, per_image: int, noise: float, yes_no_noise: float
+) -> list[dict[str, Any]]:
+    """Up to ``per_image`` distinct questions with answers; question ids are ``index * 100 + k``.  Annotators
+    of a yes/no question deviate with probability ``yes_no_noise``, the others with ``noise``."""
     scene = facts.scene
     items: list[dict[str, Any]] = []
     asked: set[str] = set()
@@ -201,7 +204,9 @@ def vqa_items(facts: SceneFacts, rng: np.random.Generator, per_image: int, noise
                 "question_type": question_type,
                 "answer_type": answer_type,
                 "multiple_choice_answer": answer,
-                "answers": human_answers(rng, scene, answer, answer_type, noise),
+                "answers": human_answers(
+                    rng, scene, answer, answer_type, yes_no_noise if answer_type == "yes/no" else noise
+                ),
             }
         )
     return items

@@ -202,6 +202,22 @@ def test_vqa_human_answers_are_noisy_so_the_official_metric_matters(world):
     assert partial and min(partial) < 1.0
 
 
+def test_no_constant_answer_scores_well_on_vqa(world):
+    """Pins a bug: yes/no annotators erred as often as the others, and with no other words for yes or no
+    every error credited the opposite answer, so a constant "yes" scored 78 on yes/no questions."""
+    annotations = [a for s in SPLITS for a in load(world, f"tasks/vqa/v2_mscoco_{s}_annotations.json")["annotations"]]
+    by_type: dict[str, list[list[str]]] = {}
+    for a in annotations:
+        by_type.setdefault(a["answer_type"], []).append([x["answer"] for x in a["answers"]])
+    yes_no = by_type["yes/no"]
+    for constant in ("yes", "no"):
+        score = sum(vqa_accuracy(constant, humans) for humans in yes_no) / len(yes_no)
+        assert score < 0.6, (constant, score)
+    everything = [humans for kind in by_type.values() for humans in kind]
+    best = max({h for humans in everything for h in humans}, key=lambda c: sum(c in h for h in everything))
+    assert sum(vqa_accuracy(best, humans) for humans in everything) / len(everything) < 0.4
+
+
 # ---------------------------------------------------------------- RefCOCO+
 
 
