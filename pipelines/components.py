@@ -76,6 +76,7 @@ def pretrain_op(
     max_steps: int,
     batch_size: int,
     lr: float,
+    masked_pairs: str,
     seed: int,
     checkpoint_every: int,
     nproc: int,
@@ -90,7 +91,8 @@ def pretrain_op(
 
     options = dict(dataset=dataset.path, validation=validation.path, features=features.path, preset=preset,
                    text_init=text_init, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                   checkpoint_every=checkpoint_every, nproc=nproc, experiment=experiment)  # fmt: skip
+                   masked_pairs=masked_pairs, checkpoint_every=checkpoint_every, nproc=nproc,
+                   experiment=experiment)  # fmt: skip
     if launcher == "pytorchjob":
         uris = {"dataset": dataset.uri, "validation": validation.uri, "features": features.uri}
         summary = pretrain_with_pytorchjob(options, uris, model.path, pytorchjob_nodes, pytorchjob_gpus_per_node)

@@ -80,6 +80,8 @@ class PipelineParams:
     """pretrain: examples per process and step."""
     pretrain_lr: float = 2e-4
     """pretrain: peak learning rate."""
+    pretrain_masked_pairs: str = "matched"
+    """pretrain: pairs whose masked words and regions are predicted (all: the original; matched)."""
     checkpoint_every: int = 40
     """pretrain: checkpoint interval in steps."""
     nproc: int = 1
@@ -229,6 +231,7 @@ def full_pipeline(
     pretrain_max_steps: int = PipelineParams.pretrain_max_steps,
     pretrain_batch_size: int = PipelineParams.pretrain_batch_size,
     pretrain_lr: float = PipelineParams.pretrain_lr,
+    pretrain_masked_pairs: str = PipelineParams.pretrain_masked_pairs,
     checkpoint_every: int = PipelineParams.checkpoint_every,
     nproc: int = PipelineParams.nproc,
     launcher: str = PipelineParams.launcher,
@@ -259,7 +262,7 @@ def full_pipeline(
     pretrain = _platform(
         pretrain_op(dataset=dataset, validation=validation, features=store, preset=preset, text_init=text_init,
                     epochs=pretrain_epochs, max_steps=pretrain_max_steps, batch_size=pretrain_batch_size,
-                    lr=pretrain_lr, seed=seed, checkpoint_every=checkpoint_every, nproc=nproc, launcher=launcher,
+                    lr=pretrain_lr, masked_pairs=pretrain_masked_pairs, seed=seed, checkpoint_every=checkpoint_every, nproc=nproc, launcher=launcher,
                     experiment=experiment, pytorchjob_nodes=pytorchjob_nodes,
                     pytorchjob_gpus_per_node=pytorchjob_gpus_per_node),
         gpu=True, shm=True,

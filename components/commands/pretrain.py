@@ -46,6 +46,13 @@ def pretrain_command(
     word_mask_prob: Annotated[float, typer.Option(help="Share of word pieces masked (80/10/10).")] = 0.15,
     region_mask_prob: Annotated[float, typer.Option(help="Share of regions masked (features zeroed 90%).")] = 0.15,
     negative_prob: Annotated[float, typer.Option(help="Share of pairs whose caption is another image's.")] = 0.5,
+    masked_pairs: Annotated[
+        str,
+        typer.Option(
+            help="Pairs whose masked words and regions are predicted: all (the original) or matched (only the "
+            "image's own captions; mismatched pairs are masked the same way, unsupervised)."
+        ),
+    ] = "all",
     split: Annotated[str, typer.Option(help="Captions of this split.")] = "train",
     nproc: o.Nproc = 1,
     max_restarts: o.MaxRestarts = 3,
@@ -96,6 +103,7 @@ def pretrain_command(
             word_mask_prob=word_mask_prob,
             region_mask_prob=region_mask_prob,
             negative_prob=negative_prob,
+            masked_pairs=masked_pairs,
             seed=seed,
         ),
         max_regions=max_regions,

@@ -41,7 +41,7 @@ from components.data.common import (
     randint,
     require_features,
 )
-from components.data.masking import mask_regions, mask_tokens
+from components.data.masking import IGNORE, mask_regions, mask_tokens
 from components.data.regions import RegionSource
 
 CAPTIONS_VALID = "captions.valid.parquet"
@@ -52,6 +52,10 @@ NEGATIVE_TRIES = 32  # random draws before falling back to an explicit list of o
 def validated_captions(validation_dir: str | Path) -> str:
     """The captions table that the validate step accepted (``<validation_dir>/captions.valid.parquet``)."""
     return storage.join(str(validation_dir), CAPTIONS_VALID)
+
+
+MASKED_PAIRS = ("all", "matched")
+"""Choices of :attr:`PretrainingDataConfig.masked_pairs`."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ class PretrainingDataConfig:
     """Chance that a chosen region's feature is zeroed (else it is kept as it is)."""
     negative_prob: float = 0.5
     """Chance that an item's caption is replaced by another image's caption (alignment label 1)."""
+    masked_pairs: str = "all"
+    """Which pairs carry masked-modelling targets: ``all`` (the original: mismatched pairs too) or ``matched``
+    (only the image's own captions, so every masked word is one its image can confirm: a masked colour in
+    another image's caption teaches the model that the image does not tell).  Mismatched pairs are masked the
+    same way either way, unsupervised: a pair without masks would give its alignment label away."""
     seed: int = 0
     """Seed of all masking and negative sampling (with the epoch and the item index)."""
     allow_uniform_class_probs: bool = False
@@ -83,6 +92,8 @@ class PretrainingDataConfig:
         for name in ("word_mask_prob", "region_mask_prob", "region_zero_prob", "negative_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.masked_pairs not in MASKED_PAIRS:
+            raise ValueError(f"masked_pairs must be one of {MASKED_PAIRS}, got {self.masked_pairs!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.split:
@@ -178,6 +189,7 @@ class PretrainingDataset(EpochItems, Dataset):
         source = self._negative(index, g) if negative else index
         text = encode_text(self.tokenizer, self.caption(source), cfg.max_text_length)
         maskable = text["attention_mask"].bool() & ~text["special_tokens_mask"]
+        supervised = not negative or cfg.masked_pairs == "all"
         input_ids, lm_labels = mask_tokens(
             text["input_ids"][None],
             maskable[None],
@@ -195,6 +207,8 @@ class PretrainingDataset(EpochItems, Dataset):
             zero_probability=cfg.region_zero_prob,
         )
         targets = regions.features if self.objective == "regression" else regions.class_probs
+        if not supervised:  # masked all the same, or the alignment head could tell a negative by its missing masks
+            lm_labels, region_labels = torch.full_like(lm_labels, IGNORE), torch.full_like(region_labels, IGNORE)
         return {
             "input_ids": input_ids[0],
             "token_type_ids": text["token_type_ids"],

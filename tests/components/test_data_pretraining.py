@@ -105,6 +105,26 @@ def test_negatives_are_captions_of_other_images(world: World) -> None:
     assert abs(sum(labels) / len(labels) - 0.5) < 0.08
 
 
+def test_mismatched_pairs_can_go_unmasked(world: World) -> None:
+    """masked_pairs="matched": only matched pairs are supervised.  Every input is masked as with the default (a
+    negative without [MASK] tokens would give its alignment label away), only the negatives' labels are gone."""
+    default, matched_only = dataset(world), dataset(world, masked_pairs="matched")
+    negatives = masked_inputs = 0
+    for epoch, index in [(e, i) for e in range(5) for i in range(len(default))]:
+        a, b = default[(epoch, index)], matched_only[(epoch, index)]
+        assert a["meta"] == b["meta"] and torch.equal(a["alignment_labels"], b["alignment_labels"])
+        if int(b["alignment_labels"]) == 1:
+            negatives += 1
+            assert (b["masked_lm_labels"] == -1).all() and (b["region_labels"] == -1).all()
+            masked_inputs += int((b["input_ids"] == default.tokenizer.mask_token_id).any())
+        else:
+            for key in ("masked_lm_labels", "region_labels"):
+                assert torch.equal(a[key], b[key]), key
+        for key in ("input_ids", "features"):
+            assert torch.equal(a[key], b[key]), key
+    assert 0 < negatives < 5 * len(default) and masked_inputs > negatives / 4
+
+
 def test_items_depend_on_seed_epoch_and_index_only(world: World) -> None:
     ds = dataset(world)
     ds.set_epoch(3)
@@ -132,6 +152,8 @@ def test_missing_features_are_an_error_or_skipped_with_a_count(world: World, tmp
 
 def test_bad_input_is_refused_clearly(world: World, tmp_path) -> None:
     captions = validated_captions(world.validation)
+    with pytest.raises(ValueError, match="masked_pairs must be one of \\('all', 'matched'\\), got 'some'"):
+        PretrainingDataConfig(masked_pairs="some")
     with pytest.raises(EmptySplitError, match="split 'nope' has no usable rows"):
         PretrainingDataset(captions, world.regions(), world.tokenizer, PretrainingDataConfig(split="nope"))
     uniform = tmp_path / "uniform"
