@@ -23,8 +23,15 @@ TINY_PARAMS = {
     "data": {"source": "synthetic://shapes?seed=0&n=40&size=64"},
     "features": {"backend": "demo", "demo_epochs": 1, "demo_train_images": 20},
     "model": {"preset": "demo", "text_init": "minilm"},
-    "pretrain": {"epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 0.0002, "masked_pairs": "matched", "seed": 0,
-                 "checkpoint_every": 5},
+    "pretrain": {
+        "epochs": 1,
+        "max_steps": 2,
+        "batch_size": 4,
+        "lr": 0.0002,
+        "masked_pairs": "matched",
+        "seed": 0,
+        "checkpoint_every": 5,
+    },
     "finetune": {
         "tasks": ["vqa", "refcoco+"],
         "seeds": [0],
