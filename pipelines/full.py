@@ -262,8 +262,8 @@ def full_pipeline(
     pretrain = _platform(
         pretrain_op(dataset=dataset, validation=validation, features=store, preset=preset, text_init=text_init,
                     epochs=pretrain_epochs, max_steps=pretrain_max_steps, batch_size=pretrain_batch_size,
-                    lr=pretrain_lr, masked_pairs=pretrain_masked_pairs, seed=seed, checkpoint_every=checkpoint_every, nproc=nproc, launcher=launcher,
-                    experiment=experiment, pytorchjob_nodes=pytorchjob_nodes,
+                    lr=pretrain_lr, masked_pairs=pretrain_masked_pairs, seed=seed, checkpoint_every=checkpoint_every,
+                    nproc=nproc, launcher=launcher, experiment=experiment, pytorchjob_nodes=pytorchjob_nodes,
                     pytorchjob_gpus_per_node=pytorchjob_gpus_per_node),
         gpu=True, shm=True,
     )  # fmt: skip

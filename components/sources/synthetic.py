@@ -117,9 +117,9 @@ class SyntheticConfig:
             self.min_objects <= self.max_objects <= 10,
             f"max_objects must be in [min_objects={self.min_objects}, 10], got {self.max_objects}",
         )
-        for name in ("val_fraction", "test_fraction", "distractor_fraction", "twin_prob"):
-            need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("caption_wrong_fraction", "answer_noise", "yes_no_noise"):
+        shares = ("val_fraction", "test_fraction", "distractor_fraction", "twin_prob", "caption_wrong_fraction",
+                  "answer_noise", "yes_no_noise")  # fmt: skip
+        for name in shares:
             need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         need(0.3 <= self.min_visible <= 1, f"min_visible must be in [0.3, 1], got {self.min_visible}")
         need(

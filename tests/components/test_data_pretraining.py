@@ -105,7 +105,7 @@ def test_negatives_are_captions_of_other_images(world: World) -> None:
     assert abs(sum(labels) / len(labels) - 0.5) < 0.08
 
 
-def test_mismatched_pairs_can_go_unmasked(world: World) -> None:
+def test_mismatched_pairs_can_go_unsupervised(world: World) -> None:
     """masked_pairs="matched": only matched pairs are supervised.  Every input is masked as with the default (a
     negative without [MASK] tokens would give its alignment label away), only the negatives' labels are gone."""
     default, matched_only = dataset(world), dataset(world, masked_pairs="matched")
