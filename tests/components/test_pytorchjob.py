@@ -206,8 +206,9 @@ def test_container_command_with_the_operators_variables_starts_torchrun_workers(
     nprocPerNode processes that see themselves as torchrun workers, as ``components.training.launch`` expects."""
     probe = (
         "from components.training.distributed import under_torchrun, dist_info_from_env; "
-        "i = dist_info_from_env(); print('probe', under_torchrun(), i.rank, i.world_size, flush=True)"
-    )
+        "import sys; i = dist_info_from_env(); "
+        "sys.stdout.write(f'probe {under_torchrun()} {i.rank} {i.world_size}\\n'); sys.stdout.flush()"
+    )  # one write per line: print() writes its parts separately, and two workers share the pipe
     job = build_pytorchjob(PyTorchJobSpec(image="i:1", command=(sys.executable, "-c", probe), name="probe-1"))
     command = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
     command[0] = str(Path(sys.executable).with_name(command[0]))  # this venv's torchrun
