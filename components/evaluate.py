@@ -178,10 +178,10 @@ class ModelFolder:
 
 
 def _task_of(folder: ModelFolder, zero_shot: bool) -> str:
-    from components.data.tasks import TASKS
+    from components.data.tasks import TASKS, ZERO_SHOT_TASK
 
     if zero_shot:
-        return "retrieval"
+        return ZERO_SHOT_TASK
     task = folder.step.get("task")
     if folder.step.get("step") == "pretrain" or task is None:
         raise DataError(f"{folder.root} is a pretraining output without a task head: fine-tune it first, or "
@@ -251,7 +251,7 @@ def _load(config: EvaluateConfig, folder: ModelFolder, task: str, uris: dict[str
                            blind=TASKS[task].blind if blind else None)  # fmt: skip
     tokenizer = load_tokenizer(folder.final)
     vocab = None
-    if task == "vqa":
+    if TASKS[task].answer_vocab:
         from components.data.tasks.vqa import ANSWER_VOCAB_FILE, AnswerVocab
 
         path = folder.root / ANSWER_VOCAB_FILE

@@ -41,17 +41,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
 PRETRAINED = "pretrained"
-TASK_NAMES = ("vqa", "vcr", "refcoco+", "retrieval")
 VOCAB_FILE = "answer_vocab.json"
-#: Each task's input files (for the data hash) relative to the dataset root.
-TASK_FILES = {
-    "vqa": ("tasks/vqa/v2_OpenEnded_mscoco_{split}_questions.json", "tasks/vqa/v2_mscoco_{split}_annotations.json"),
-    "vcr": ("tasks/vcr/{split}.jsonl",),
-    "refcoco+": ("tasks/refcoco+/refs(unc).json", "tasks/refcoco+/instances.json"),
-    "retrieval": ("tasks/flickr30k/dataset_flickr30k.json",),
-}
-#: Tokens per text (question, question+answer, expression, caption) as the original code uses.
-DEFAULT_TEXT_LENGTH = {"vqa": 23, "vcr": 40, "refcoco+": 20, "retrieval": 30}
 
 
 @dataclass(frozen=True)
@@ -105,6 +95,8 @@ class FinetuneConfig:
     """MLflow tracking."""
 
     def __post_init__(self) -> None:
+        from components.data.tasks import TASK_NAMES, TASKS
+
         if self.task not in TASK_NAMES:
             raise StepError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
         if self.nproc < 1 or self.max_restarts < 0 or self.max_regions < 2 or self.answer_min_count < 1:
@@ -116,8 +108,6 @@ class FinetuneConfig:
         if not (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult)):
             raise StepError(f"head_lr_mult must be a positive number, got {self.head_lr_mult}")
         if self.head_lr_mult != 1.0:
-            from components.data.tasks import TASKS
-
             heads = tuple((f"{head}.", self.head_lr_mult) for head in TASKS[self.task].heads)
             if not self.trainer.lr_multipliers:
                 object.__setattr__(self, "trainer", dataclasses.replace(self.trainer, lr_multipliers=heads))
@@ -142,7 +132,9 @@ class FinetuneConfig:
 
     @property
     def text_length(self) -> int:
-        return self.max_text_length or DEFAULT_TEXT_LENGTH[self.task]
+        from components.data.tasks import TASKS
+
+        return self.max_text_length or TASKS[self.task].text_length
 
     @property
     def init_kind(self) -> str:
@@ -169,19 +161,9 @@ class FinetuneResult:
 def build_task_dataset(task: str, files: Any, regions: Any, tokenizer: Any, split: str, text_length: int,
                        seed: int, vocab: Any = None) -> Any:  # fmt: skip
     """The task's dataset for ``split`` (the same builder serves training and evaluation)."""
-    from components.data import tasks as t
+    from components.data.tasks import TASKS
 
-    if task == "vqa":
-        return t.VQADataset(files, regions, tokenizer, vocab, t.VQADataConfig(split=split, max_text_length=text_length))
-    if task == "vcr":
-        return t.VCRDataset(files, regions, tokenizer, t.VCRDataConfig(split=split, max_text_length=text_length))
-    if task == "refcoco+":
-        return t.RefCOCODataset(
-            files, regions, tokenizer, t.RefCOCODataConfig(split=split, max_text_length=text_length)
-        )
-    return t.RetrievalTrainDataset(
-        files, regions, tokenizer, t.RetrievalDataConfig(split=split, max_text_length=text_length, seed=seed)
-    )
+    return TASKS[task].dataset(files, regions, tokenizer, split, text_length, seed, vocab)
 
 
 def _load_model(config: FinetuneConfig, num_answers: int, is_main: bool) -> tuple[Any, Any]:
@@ -215,7 +197,7 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
     config: FinetuneConfig = payload["config"]
     info = dist_info_from_env()
     torch.manual_seed(config.trainer.seed)
-    vocab = AnswerVocab.load(config.output / VOCAB_FILE) if config.task == "vqa" else None
+    vocab = AnswerVocab.load(config.output / VOCAB_FILE) if TASKS[config.task].answer_vocab else None
     model, mconfig = _load_model(config, len(vocab) if vocab else 1, info.is_main)
     tokenizer = payload["tokenizer"]
     blind = TASKS[config.task].blind if config.blind else None
@@ -238,7 +220,7 @@ def _worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as configured; resumes from ``output/checkpoints`` when a run was interrupted."""
-    from components.data.tasks import AnswerVocab, TaskFiles
+    from components.data.tasks import TASKS, AnswerVocab, TaskFiles
 
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
@@ -259,13 +241,14 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         tokenizer = resolve_tokenizer(config.tokenizer or str(init_from), config.text_init)
     else:
         tokenizer = resolve_tokenizer(config.tokenizer, config.text_init)
-    uris = [storage.join(config.dataset, rel.format(split=config.split)) for rel in TASK_FILES[config.task]]
+    task = TASKS[config.task]
+    uris = [storage.join(config.dataset, rel.format(split=config.split)) for rel in task.files]
     if config.validation:
         uris.append(storage.join(config.validation, "quarantine.parquet"))
     if not storage.exists(uris[0]):
         raise StepError(f"the {config.task} task has no {config.split} file {uris[0]}: was the dataset ingested?")
     data_hash = sha256_of(uris)
-    if config.task == "vqa":
+    if task.answer_vocab:
         vocab_path = output / VOCAB_FILE
         if not vocab_path.exists():  # a resumed run keeps its vocabulary (the head's answer order)
             files = TaskFiles(config.dataset, config.validation)

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from components import storage
+from components.data.tasks import TASKS
 from components.evaluation.scoring import mlflow_metric_name
 from components.registry_lineage import dvc_lineage, eval_metrics, version_tags
 from components.registry_rules import (
@@ -86,8 +87,8 @@ __all__ = [
     "stage_artifacts",
 ]
 
-MODEL_NAMES = {"vqa": "vilbert-vqa", "vcr": "vilbert-vcr", "refcoco+": "vilbert-refcoco-plus",
-               "retrieval": "vilbert-retrieval"}  # fmt: skip
+#: The registered model of each task (its ``TaskSpec.model_name``).
+MODEL_NAMES = {name: spec.model_name for name, spec in TASKS.items()}
 
 
 def default_model_name(task: str) -> str:
@@ -189,7 +190,7 @@ def read_inputs(config: RegisterConfig) -> tuple[dict[str, Any], dict[str, Any],
     zero_shot = bool(metrics.get("zero_shot"))
     if step.get("step") == "finetune" and step.get("task") != task:
         raise RegistryError(f"{config.model} was fine-tuned for {step.get('task')!r}, the evaluation is of {task!r}")
-    if step.get("step") != "finetune" and not (zero_shot and task == "retrieval"):
+    if step.get("step") != "finetune" and not (zero_shot and TASKS[task].zero_shot):
         raise RegistryError(f"{config.model} is a {step.get('step')!r} output: only fine-tuned models (or zero-shot "
                             "retrieval) are registered")  # fmt: skip
     return step, metrics, checkpoint
@@ -225,10 +226,11 @@ def stage_artifacts(config: RegisterConfig, step: Mapping[str, Any], metrics: Ma
         batch_size=config.batch_size,
     )
     (task_dir / SERVING_FILE).write_text(json.dumps(serving.to_dict(), indent=2) + "\n")
-    if serving.task == "vqa":
+    if TASKS[serving.task].answer_vocab:
         vocab = Path(config.model) / ANSWER_VOCAB_FILE
         if not vocab.is_file():
-            raise RegistryError(f"{config.model} has no {ANSWER_VOCAB_FILE}: a VQA model cannot answer without it")
+            raise RegistryError(f"{config.model} has no {ANSWER_VOCAB_FILE}: a {TASKS[serving.task].title} model "
+                                "cannot answer without it")  # fmt: skip
         (task_dir / ANSWER_VOCAB_FILE).write_bytes(vocab.read_bytes())
     return {CHECKPOINT: str(checkpoint), EXTRACTOR: str(staging / EXTRACTOR), TASK: str(task_dir)}, spec.sha256()
 
@@ -355,10 +357,11 @@ def _describe(client: Any, name: str, version: str, task: str, decision: GateDec
     """Human descriptions: the registered model's (once) and the version's."""
     model = client.get_registered_model(name)
     if not model.description:
+        choices = " and `choices` (4 strings)" if TASKS[task].serving.choices else ""
         client.update_registered_model(
             name,
             description=f"ViLBERT for {task}. Input: a DataFrame with `image` (base64, path, file:// or s3:// URI) "
-            "and `text`" + (" and `choices` (4 strings)" if task == "vcr" else "") + "; output per row: see the "
+            "and `text`" + choices + "; output per row: see the "
             "signature. Aliases: `champion` (served), `challenger` (set by `vilbert register` when a version beats "
             "the champion), `previous-champion` (for `vilbert rollback`).",
         )

@@ -25,7 +25,7 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,23 +33,19 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from components.data.tasks import TASKS, ServingAdapter
+
 #: Artifact names of a registered model (``artifacts=`` of ``mlflow.pyfunc.log_model``).
 CHECKPOINT, EXTRACTOR, TASK = "checkpoint", "extractor", "task"
 SERVING_FILE, SERVING_FORMAT = "serving.json", "vilbert-serving/1"
 MAX_IMAGE_BYTES = 64 * 2**20  # a request image larger than this is refused (before decoding)
-TOP_K = 5
 NUM_CHOICES = 4
 DEVICE_ENV = "VILBERT_SERVING_DEVICE"  # cpu, cuda, cuda:1 ...; default: cuda when available
 #: "0": refuse local paths and file:// URIs (a server open to untrusted clients should not read its own files).
 LOCAL_FILES_ENV = "VILBERT_SERVING_LOCAL_FILES"
 
-#: Output columns per task (the registered signature lists the same, with types).
-OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "vqa": ("answer", "score", "top_answers", "top_scores"),
-    "vcr": ("choice", "answer", "score", "scores"),
-    "refcoco+": ("box", "score", "region"),
-    "retrieval": ("score",),
-}
+#: Output columns per task (the registered signature lists the same, with types): each task's ``ServingAdapter``.
+OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {name: spec.serving.columns for name, spec in TASKS.items()}
 
 
 class ServingInputError(ValueError):
@@ -76,7 +72,7 @@ class ServingSpec:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(OUTPUT_COLUMNS)}")
         if self.max_text_length < 4 or self.max_regions < 2 or self.batch_size < 1:
             raise ValueError("need max_text_length >= 4, max_regions >= 2 and batch_size >= 1")
-        if self.zero_shot and self.task != "retrieval":
+        if self.zero_shot and not TASKS[self.task].zero_shot:
             raise ValueError("zero_shot applies to retrieval only")
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,69 +170,6 @@ def _encode_choices(tokenizer: Any, row: _Row, spec: ServingSpec) -> dict[str, A
     return stack_choices(texts, tokenizer.pad_token_id)
 
 
-def _decode_vqa(p: ViLBertPredictor, out: Any, batch: dict[str, Any], rows: Sequence[_Row]) -> list[dict[str, Any]]:
-    import torch
-
-    probs = torch.sigmoid(out.answer_logits.float())  # (B, A): trained with binary cross-entropy per answer
-    top = probs.topk(min(TOP_K, probs.shape[1]), dim=-1)
-    results = []
-    for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        answers = [p.vocab[i] for i in indices]
-        results.append({"answer": answers[0], "score": values[0], "top_answers": answers, "top_scores": values})
-    return results
-
-
-def _decode_vcr(p: ViLBertPredictor, out: Any, batch: dict[str, Any], rows: Sequence[_Row]) -> list[dict[str, Any]]:
-    import torch
-
-    probs = torch.softmax(out.pair_logit.float().view(-1, NUM_CHOICES), dim=-1)  # (B, 4), row b*4+k = choice k
-    results = []
-    for row, scores in zip(rows, probs.tolist(), strict=True):
-        choice = max(range(NUM_CHOICES), key=scores.__getitem__)
-        results.append({"choice": choice, "answer": row.choices[choice], "score": scores[choice], "scores": scores})
-    return results
-
-
-def _decode_grounding(
-    p: ViLBertPredictor, out: Any, batch: dict[str, Any], rows: Sequence[_Row]
-) -> list[dict[str, Any]]:
-    import torch
-
-    logits = out.region_logits.squeeze(-1).float()  # (B, N)
-    allowed = batch["region_mask"].bool().clone()
-    allowed[:, 0] = False  # the whole-image token is not an answer (as the evaluation's grounding_hits)
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-    chosen = probs.argmax(-1)
-    boxes = batch["meta"]["pixel_boxes"][torch.arange(len(chosen)), chosen]  # (B, 4) pixels
-    return [
-        {"box": [float(v) for v in box], "score": float(probs[b, i]), "region": int(i)}
-        for b, (box, i) in enumerate(zip(boxes.tolist(), chosen.tolist(), strict=True))
-    ]
-
-
-def _decode_retrieval(
-    p: ViLBertPredictor, out: Any, batch: dict[str, Any], rows: Sequence[_Row]
-) -> list[dict[str, Any]]:
-    from components.data.tasks.retrieval import pair_scores
-
-    return [{"score": float(s)} for s in pair_scores(out, zero_shot=p.spec.zero_shot).tolist()]
-
-
-@dataclass(frozen=True)
-class _TaskIO:
-    encode: Callable[[Any, _Row, ServingSpec], dict[str, Any]]
-    decode: Callable[[ViLBertPredictor, Any, dict[str, Any], Sequence[_Row]], list[dict[str, Any]]]
-    choices: bool = False
-
-
-_TASK_IO: dict[str, _TaskIO] = {
-    "vqa": _TaskIO(_encode_single, _decode_vqa),
-    "vcr": _TaskIO(_encode_choices, _decode_vcr, choices=True),
-    "refcoco+": _TaskIO(_encode_single, _decode_grounding),
-    "retrieval": _TaskIO(_encode_single, _decode_retrieval),
-}
-
-
 # --- the predictor -----------------------------------------------------------------------------------------------
 
 
@@ -245,8 +178,9 @@ class ViLBertPredictor:
 
     def __init__(self, model: Any, tokenizer: Any, extractor: Any, feature_spec: Any, spec: ServingSpec,
                  vocab: Any = None, device: str = "cpu") -> None:  # fmt: skip
-        if spec.task == "vqa" and vocab is None:
-            raise ValueError("a VQA model needs its answer vocabulary")
+        task = TASKS[spec.task]
+        if task.answer_vocab and vocab is None:
+            raise ValueError(f"a {task.title} model needs its answer vocabulary")
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.extractor = extractor
@@ -254,13 +188,8 @@ class ViLBertPredictor:
         self.spec = spec
         self.vocab = vocab
         self.device = device
-        self.io = _TASK_IO[spec.task]
-        if spec.zero_shot:
-            self.heads: tuple[str, ...] = ("alignment",)
-        else:
-            from components.data.tasks import TASKS
-
-            self.heads = TASKS[spec.task].heads
+        self.io: ServingAdapter = task.serving
+        self.heads: tuple[str, ...] = ("alignment",) if spec.zero_shot else task.heads
 
     @classmethod
     def from_artifacts(cls, artifacts: Mapping[str, str], device: str | None = None) -> ViLBertPredictor:
@@ -282,7 +211,7 @@ class ViLBertPredictor:
         model = load_checkpoint(artifacts[CHECKPOINT], kind="tasks", num_answers=1 if spec.zero_shot else None)
         extractor, feature_spec = load_bundled_extractor(artifacts[EXTRACTOR], device)
         feature_spec.check_model(model.config)
-        vocab = AnswerVocab.load(task_dir / ANSWER_VOCAB_FILE) if spec.task == "vqa" else None
+        vocab = AnswerVocab.load(task_dir / ANSWER_VOCAB_FILE) if TASKS[spec.task].answer_vocab else None
         answers = read_header(artifacts[CHECKPOINT]).get("num_answers")
         if vocab is not None and len(vocab) != answers:
             raise ValueError(f"the answer vocabulary has {len(vocab)} answers, the model's head {answers}")
@@ -367,7 +296,7 @@ class ViLBertPredictor:
 
         items = []
         for row, regions in zip(rows, self.region_inputs(images), strict=True):
-            text = self.io.encode(self.tokenizer, row, self.spec)
+            text = (_encode_choices if self.io.choices else _encode_single)(self.tokenizer, row, self.spec)
             visual = {"features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}
             meta: dict[str, Any] = {"pixel_boxes": regions.pixel_boxes}
             if self.io.choices:  # the same image for every choice (as the VCR dataset builds its items)
@@ -378,7 +307,7 @@ class ViLBertPredictor:
         with torch.inference_mode():
             out = self.model(**to_device(model_inputs(batch), self.device), heads=self.heads)
             out = _to_cpu(out)
-        return self.io.decode(self, out, batch, rows)
+        return self.io.decode(out, batch, [row.choices for row in rows], self.vocab, self.spec.zero_shot)
 
 
 def _to_cpu(out: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from components.data.tasks import TASKS
 from components.serving import NUM_CHOICES, ServingInputError
 
 WEIGHTS_DIR = "weights"
@@ -37,13 +38,6 @@ mlflow.models.set_model(pyfunc_model())
 #: Distributions the serving code imports (pinned to the installed versions in the model's requirements.txt).
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors", "numpy",
                     "pandas", "pillow", "pyarrow", "boto3", "scipy")  # fmt: skip
-#: Example texts of the input example, per task.
-EXAMPLE_TEXT = {
-    "vqa": "what colour is the circle?",
-    "vcr": "which shape is at the top?",
-    "refcoco+": "the red circle",
-    "retrieval": "a red circle next to a blue square",
-}
 EXAMPLE_CHOICES = ["the circle", "the square", "the triangle", "nothing"]
 
 
@@ -123,10 +117,11 @@ def example_image() -> bytes:
 
 def example_frame(task: str, image: bytes | None = None) -> pd.DataFrame:
     """The input example of ``task``: one row with a base64 image and the task's text (and choices)."""
-    if task not in EXAMPLE_TEXT:
+    if task not in TASKS:
         raise ServingInputError(f"unknown task {task!r}")
-    row: dict[str, Any] = {"image": base64.b64encode(image or example_image()).decode(), "text": EXAMPLE_TEXT[task]}
-    if task == "vcr":
+    serving = TASKS[task].serving
+    row: dict[str, Any] = {"image": base64.b64encode(image or example_image()).decode(), "text": serving.example_text}
+    if serving.choices:
         row["choices"] = list(EXAMPLE_CHOICES[:NUM_CHOICES])
     return pd.DataFrame([row])
 
@@ -137,17 +132,15 @@ def signature(task: str) -> Any:
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
 
+    serving = TASKS[task].serving
+
+    def column(name: str, kind: str) -> Any:  # "double[]": an array of doubles
+        return ColSpec(Array(kind.removesuffix("[]")), name) if kind.endswith("[]") else ColSpec(kind, name)
+
     inputs: list[Any] = [ColSpec("string", "image"), ColSpec("string", "text")]
-    if task == "vcr":
-        inputs.append(ColSpec(Array("string"), "choices"))
-    outputs: list[Any] = {
-        "vqa": [ColSpec("string", "answer"), ColSpec("double", "score"), ColSpec(Array("string"), "top_answers"),
-                ColSpec(Array("double"), "top_scores")],
-        "vcr": [ColSpec("long", "choice"), ColSpec("string", "answer"), ColSpec("double", "score"),
-                ColSpec(Array("double"), "scores")],
-        "refcoco+": [ColSpec(Array("double"), "box"), ColSpec("double", "score"), ColSpec("long", "region")],
-        "retrieval": [ColSpec("double", "score")],
-    }[task]  # fmt: skip
+    if serving.choices:
+        inputs.append(column("choices", "string[]"))
+    outputs = [column(name, kind) for name, kind in serving.outputs]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 

@@ -18,8 +18,6 @@ from typing import Any
 from components import storage
 from components.steps import StepError, TrackingOptions, write_json
 
-TASK_ORDER = ("vqa", "vcr", "refcoco+", "retrieval")
-TASK_TITLES = {"vqa": "VQA", "vcr": "VCR Q→A", "refcoco+": "RefCOCO+", "retrieval": "Image retrieval"}
 ROWS = (("pretrained", "ViLBERT (pretrained)"), ("scratch", "ViLBERT, no multimodal pretraining"),
         ("zero-shot", "Zero-shot (pretrained alignment head)"),
         ("blind", "Blind baseline (no image; RefCOCO+: boxes only)"))  # fmt: skip
@@ -127,8 +125,11 @@ def collect(files: list[Path]) -> dict[tuple[str, str], Cell]:
 
 def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
     """The table: tasks as columns (headline metric, mean ± sample std over seeds), rows (a), (b), (c), gain."""
-    tasks = [t for t in TASK_ORDER if any(k[0] == t for k in cells)] + sorted({k[0] for k in cells} - set(TASK_ORDER))
-    header = "| | " + " | ".join(f"{TASK_TITLES.get(t, t)} ({_metric_of(cells, t)})" for t in tasks) + " |"
+    from components.data.tasks import TASK_NAMES, TASKS  # the registry's order and display names
+
+    tasks = [t for t in TASK_NAMES if any(k[0] == t for k in cells)] + sorted({k[0] for k in cells} - set(TASK_NAMES))
+    header = "| | " + " | ".join(f"{TASKS[t].title if t in TASKS else t} ({_metric_of(cells, t)})" for t in tasks)
+    header += " |"
     lines = [header, "|---|" + "---:|" * len(tasks)]
 
     def fmt(cell: Cell | None) -> str:
@@ -151,7 +152,7 @@ def render_markdown(cells: dict[tuple[str, str], Cell]) -> str:
         margins = [f"{a.mean - d.mean:+.1f}" if (a := cells.get((t, "pretrained"))) and (d := cells.get((t, "blind")))
                    else "—" for t in tasks]  # fmt: skip
         lines.append("| (a) − (d): what the image adds | " + " | ".join(margins) + " |")
-    chances = [next((c.chance for (task, _), c in cells.items() if task == t and c.chance is not None), None)
+    chances = [next((c.chance for (name, _), c in cells.items() if name == t and c.chance is not None), None)
                for t in tasks]  # fmt: skip
     if any(c is not None for c in chances):
         lines.append("| chance (uniformly random choice) | " + " | ".join("—" if c is None else f"{c:.1f}"

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # `python pipelines/full.py`: make the project im
 import typer
 from kfp import dsl, kubernetes
 
+from components.data.tasks import TASK_NAMES
 from pipelines.components import (
     GPU_IMAGE,
     evaluate_op,
@@ -41,7 +42,6 @@ from pipelines.components import (
 PIPELINE_NAME = "vilbert-full"
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = Path(__file__).resolve().parent / "full.yaml"
-TASKS = ("vqa", "vcr", "refcoco+", "retrieval")
 #: Kubernetes Secrets the steps read credentials from (templates in infra/k8s/components/secrets).
 S3_SECRET = ("vilbert-s3", {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
 MLFLOW_SECRET = ("vilbert-mlflow-client", {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
@@ -92,7 +92,7 @@ class PipelineParams:
     """pretrain (pytorchjob): nodes."""
     pytorchjob_gpus_per_node: int = 1
     """pretrain (pytorchjob): GPUs (= processes) per node."""
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
     """finetune / evaluate: the tasks (ParallelFor)."""
     finetune_epochs: float = 2.0
     """finetune: passes over each task's training split."""
@@ -120,7 +120,6 @@ class PipelineParams:
     def check(self) -> None:
         """Raise :class:`PipelineParamError` listing every invalid value (the step configs' own checks, run
         on placeholder paths, so they cannot drift from what the steps accept)."""
-        from components.finetune import TASK_NAMES
         from model.config import PRESETS
 
         errors = []
@@ -237,7 +236,7 @@ def full_pipeline(
     launcher: str = PipelineParams.launcher,
     pytorchjob_nodes: int = PipelineParams.pytorchjob_nodes,
     pytorchjob_gpus_per_node: int = PipelineParams.pytorchjob_gpus_per_node,
-    tasks: list = list(TASKS),  # noqa: B006 - KFP reads the default from the signature
+    tasks: list = list(TASK_NAMES),  # noqa: B006 - KFP reads the default from the signature
     finetune_epochs: float = PipelineParams.finetune_epochs,
     finetune_max_steps: int = PipelineParams.finetune_max_steps,
     finetune_batch_size: int = PipelineParams.finetune_batch_size,

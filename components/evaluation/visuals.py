@@ -25,15 +25,13 @@ import torch
 
 from components import storage
 from components.data.collate import to_device
-from components.data.common import DataError, encode_text
-from components.evaluation.predict import Predictions
+from components.data.common import DataError
+from components.data.tasks import Predictions, task_spec
+from components.data.tasks.common import spread
 from components.metrics import pictures
 
 #: Examples that get co-attention pictures (two files each).
 ATTENTION_EXAMPLES = 2
-#: Images shown per caption in the retrieval picture.
-RETRIEVAL_TOP = 5
-_TRUNK_KEYS = ("input_ids", "token_type_ids", "attention_mask", "features", "boxes", "region_mask")
 
 
 class DatasetImages:
@@ -76,60 +74,18 @@ def make_pictures(
     """Draw the task's pictures for the first ``count`` examples into ``out_dir``; returns the files written."""
     if count <= 0 or not predictions.records:
         return []
-    task, records = predictions.task, predictions.records
-    paths: list[Path] = []
-    if task == "retrieval":
-        ranked_examples: list[pictures.RetrievalExample] = []
-        for r in (records[i] for i in spread(len(records), min(count, 8))):
-            ranked = r["top_k"][:RETRIEVAL_TOP]
-            correct = ranked.index(r["target"]) if r["target"] in ranked else None
-            ranked_examples.append(pictures.RetrievalExample(r["caption"], [images(i) for i in ranked], correct,
-                                                             r["top_k_scores"][:RETRIEVAL_TOP]))  # fmt: skip
-        paths.append(pictures.retrieval_examples_png(out_dir, ranked_examples))
-    elif task == "refcoco+":
-        examples = [pictures.GroundingExample(images(r["image_id"]), r["expression"], r["prediction"], r["target"])
-                    for r in (records[i] for i in spread(len(records), min(count, 12)))]  # fmt: skip
-        paths.append(pictures.grounding_examples_png(out_dir, examples))
-    elif task == "vqa":
-        truth = [r["target"] for r in records if r.get("target") is not None]
-        if truth:
-            paths.append(pictures.answer_distribution_png(out_dir, [r["prediction"] for r in records], truth))
-    elif task == "vcr":
-        truth = [f"answer {r['target'] + 1}" for r in records if r.get("target") is not None]
-        if truth:
-            chosen = [f"answer {r['prediction'] + 1}" for r in records]
-            title = "VCR Q->A: chosen vs correct answer position"
-            paths.append(pictures.answer_distribution_png(out_dir, chosen, truth, title=title))
-    for number, index in enumerate(spread(len(records), min(count, ATTENTION_EXAMPLES))):
+    spec = task_spec(predictions.task)
+    paths = spec.pictures(predictions, images, out_dir, count)
+    for number, index in enumerate(spread(len(predictions.records), min(count, ATTENTION_EXAMPLES))):
         paths += attention_pictures(predictions, index, number, data, model, images, out_dir, device)
     return paths
-
-
-def spread(total: int, count: int) -> list[int]:
-    """``count`` example indices spread evenly over ``total`` (the first included), so pictures do not all show
-    the first image's examples."""
-    count = min(count, total)
-    return sorted({i * total // count for i in range(count)}) if count > 0 else []
 
 
 def attention_inputs(predictions: Predictions, index: int, data: Any) -> tuple[dict[str, torch.Tensor], str, str]:
     """The trunk's inputs (batch of 1) for example ``index`` as the model saw it, its image id and its text.
 
     VCR: the question paired with the chosen answer; retrieval: the caption with its true image."""
-    record = predictions.records[index]
-    if predictions.task == "retrieval":
-        text = encode_text(data.tokenizer, record["caption"], data.config.max_text_length)
-        regions = data.regions[record["target"]]
-        inputs: dict[str, torch.Tensor] = {**{k: text[k] for k in _TRUNK_KEYS[:3]},
-                  "features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}  # fmt: skip
-        return {k: v[None] for k, v in inputs.items()}, record["target"], record["caption"]
-    item = data[index]
-    if predictions.task == "vcr":  # (4, ...) -> the chosen answer's row
-        inputs = {k: item[k][record["prediction"]][None] for k in _TRUNK_KEYS}
-    else:
-        inputs = {k: item[k][None] for k in _TRUNK_KEYS}
-    words = record.get("question") if predictions.task != "refcoco+" else record.get("expression")
-    return inputs, record["image_id"], str(words)
+    return task_spec(predictions.task).attention_inputs(predictions, index, data)
 
 
 def coattention_map(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device | str) -> Any:

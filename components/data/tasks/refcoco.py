@@ -14,7 +14,10 @@ Loss: ``model.losses.grounding_loss`` over region logits (B, N) (:func:`groundin
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +28,26 @@ from torchvision.ops import box_iou
 from components.data.common import DataError, DatasetReport, EpochItems, check_tokenizer, encode_text, non_empty
 from components.data.common import require_features as _require_features
 from components.data.regions import RegionSource
-from components.data.tasks.common import TaskFiles, TaskSpec
+from components.data.tasks.common import (
+    PredictionRun,
+    Predictions,
+    ServingAdapter,
+    TaskFiles,
+    TaskSpec,
+    finite,
+    item_attention_inputs,
+    percent,
+    spread,
+)
+from components.metrics import grounding_scores, pictures
+from components.metrics.grounding import IOU_THRESHOLD
 from model.losses import grounding_loss
 
 REFS_FILE = "tasks/refcoco+/refs(unc).json"
 INSTANCES_FILE = "tasks/refcoco+/instances.json"
+METRIC = "grounding_accuracy"
+#: Expressions the grounding picture shows at most.
+PICTURE_EXAMPLES = 12
 
 
 def xywh_to_xyxy(box: list[float] | tuple[float, ...]) -> Tensor:
@@ -181,5 +199,117 @@ def grounding_hits(region_logits: Tensor, batch: dict[str, Any], threshold: floa
     return iou >= threshold, boxes
 
 
-REFCOCO_TASK = TaskSpec(name="refcoco+", heads=("region",), loss=grounding_loss_of, metric="grounding_accuracy",
-                        blind="position")  # fmt: skip
+def chosen_regions(region_logits: Tensor, region_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(chosen (B,), probability (B,))``: the best real region other than region 0 and its softmax over them."""
+    logits = region_logits.squeeze(-1).detach().float().cpu()  # (B, N)
+    allowed = region_mask.detach().cpu().bool().clone()
+    allowed[:, 0] = False  # the whole-image token is never the answer
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    chosen = masked.argmax(-1)
+    return chosen, torch.softmax(masked, -1).gather(1, chosen[:, None])[:, 0]
+
+
+def _dataset(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, text_length: int, seed: int,
+             vocab: Any = None) -> RefCOCODataset:  # fmt: skip
+    return RefCOCODataset(files, regions, tokenizer, RefCOCODataConfig(split=split, max_text_length=text_length))
+
+
+def _evaluation_data(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, length: dict[str, Any],
+                     vocab: Any = None) -> RefCOCODataset:  # fmt: skip
+    return RefCOCODataset(files, regions, tokenizer, RefCOCODataConfig(split=split, **length))
+
+
+def _predict(run: PredictionRun) -> Predictions:
+    """The highest-scoring real region other than region 0 (the whole image is never an answer, as
+    :func:`grounding_hits`), its pixel box; score = its softmax over those regions."""
+    records = []
+    for indices, batch, out in run.batches():
+        logits = out.region_logits.detach()
+        allowed = batch["region_mask"].bool()
+        finite(logits.squeeze(-1).cpu()[allowed], "region logits")
+        chosen, probs = chosen_regions(logits, batch["region_mask"])
+        meta = batch["meta"]
+        for row, index in enumerate(indices):
+            item = run.dataset.items[index]
+            real = int(allowed[row].sum())
+            records.append({
+                "ref_id": item["ref_id"],
+                "sent_id": item["sent_id"],
+                "image_id": item["image_id"],
+                "expression": item["text"],
+                "prediction": meta["pixel_boxes"][row, int(chosen[row])].tolist(),
+                "target": meta["target_box"][row].tolist(),
+                "region": int(chosen[row]),
+                "score": float(probs[row]),
+                # the best IoU any proposal reaches: the accuracy a perfect chooser would get on this expression
+                "best_iou": float(meta["region_iou"][row, 1:real].max()),
+                "num_candidates": real - 1,  # the regions a choice is made among (region 0 excluded)
+            })  # fmt: skip
+    return Predictions("refcoco+", records)
+
+
+def _score(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    records = predictions.records
+    # chance: one of the expression's candidate regions (region 0 excluded) at random, when predict recorded them
+    regions = [r.get("num_candidates") for r in records]
+    counts = [int(n) for n in regions if isinstance(n, int) and n > 0]
+    result = grounding_scores(
+        [r["prediction"] for r in records],
+        [r["target"] for r in records],
+        num_regions=counts if len(counts) == len(records) else None,
+    )
+    reachable = sum(r["best_iou"] >= IOU_THRESHOLD for r in records) / len(records)
+    metrics = {
+        METRIC: percent(result["accuracy"]),
+        "grounding_upper_bound": percent(reachable),
+        "mean_iou": float(result["mean_iou"]),
+    }
+    if result.get("chance") is not None:
+        metrics["chance"] = percent(result["chance"])
+    return metrics, [{"iou": i, "correct": c} for i, c in zip(result["iou"], result["correct"], strict=True)]
+
+
+def _pictures(predictions: Predictions, images: Callable[[str], bytes], out_dir: Path, count: int) -> list[Path]:
+    """Images with the predicted and the true box."""
+    records = predictions.records
+    examples = [pictures.GroundingExample(images(r["image_id"]), r["expression"], r["prediction"], r["target"])
+                for r in (records[i] for i in spread(len(records), min(count, PICTURE_EXAMPLES)))]  # fmt: skip
+    return [pictures.grounding_examples_png(out_dir, examples)]
+
+
+def _serve(out: Any, batch: dict[str, Any], choices: list[tuple[str, ...]], vocab: Any,
+           zero_shot: bool) -> list[dict[str, Any]]:  # fmt: skip
+    logits = out.region_logits.squeeze(-1).float()  # (B, N)
+    allowed = batch["region_mask"].bool().clone()
+    allowed[:, 0] = False  # the whole-image token is not an answer (as the evaluation's grounding_hits)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    chosen = probs.argmax(-1)
+    boxes = batch["meta"]["pixel_boxes"][torch.arange(len(chosen)), chosen]  # (B, 4) pixels
+    return [
+        {"box": [float(v) for v in box], "score": float(probs[b, i]), "region": int(i)}
+        for b, (box, i) in enumerate(zip(boxes.tolist(), chosen.tolist(), strict=True))
+    ]
+
+
+REFCOCO_TASK = TaskSpec(
+    name="refcoco+",
+    heads=("region",),
+    loss=grounding_loss_of,
+    metric=METRIC,
+    title="RefCOCO+",
+    model_name="vilbert-refcoco-plus",
+    files=(REFS_FILE, INSTANCES_FILE),
+    text_length=20,
+    dataset=_dataset,
+    evaluation_data=_evaluation_data,
+    predict=_predict,
+    score=_score,
+    pictures=_pictures,
+    attention_inputs=functools.partial(item_attention_inputs, text_key="expression"),
+    serving=ServingAdapter(
+        outputs=(("box", "double[]"), ("score", "double"), ("region", "long")),
+        example_text="the red circle",
+        decode=_serve,
+    ),
+    blind="position",
+)

@@ -22,17 +22,21 @@ into a (captions, images) matrix; ``caption_image[c]`` is caption c's image (the
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from components.data.collate import model_inputs, to_device
 from components.data.common import (
     DataError,
     DatasetReport,
@@ -45,11 +49,26 @@ from components.data.common import (
     require_features,
 )
 from components.data.regions import RegionInputs, RegionSource
-from components.data.tasks.common import TaskFiles, TaskSpec
+from components.data.tasks.common import (
+    PredictionRun,
+    Predictions,
+    ServingAdapter,
+    TaskFiles,
+    TaskSpec,
+    finite,
+    percent,
+    spread,
+)
 from components.data.tasks.vcr import choice_loss, stack_choices
+from components.metrics import pictures, retrieval_scores
 
 FLICKR_FILE = "tasks/flickr30k/dataset_flickr30k.json"
 NUM_CHOICES = 4
+METRIC = "recall@1"
+#: How many best images a retrieval record lists (``top_k``): enough for R@10 and for the pictures.
+TOP_K = 10
+#: Images shown per caption in the retrieval picture, and captions shown at most.
+PICTURE_TOP, PICTURE_EXAMPLES = 5, 8
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -290,4 +309,122 @@ def pair_scores(output: Any, zero_shot: bool = False) -> Tensor:
     return output.pair_logit[:, 0]
 
 
-RETRIEVAL_TASK = TaskSpec(name="retrieval", heads=("pair",), loss=choice_loss, metric="recall@1")
+def _dataset(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, text_length: int, seed: int,
+             vocab: Any = None) -> RetrievalTrainDataset:  # fmt: skip
+    return RetrievalTrainDataset(
+        files, regions, tokenizer, RetrievalDataConfig(split=split, max_text_length=text_length, seed=seed)
+    )
+
+
+def _evaluation_data(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, length: dict[str, Any],
+                     vocab: Any = None) -> RetrievalGallery:  # fmt: skip
+    return RetrievalGallery(files, regions, tokenizer, RetrievalDataConfig(split=split, **length))
+
+
+def _predict(run: PredictionRun) -> Predictions:
+    """Every caption against every image of the gallery: the pair logit, or with ``zero_shot`` the pretrained
+    alignment head's match probability (:func:`pair_scores`); prediction = the best image."""
+    gallery: RetrievalGallery = run.dataset
+    captions = len(gallery.captions) if run.limit is None else min(run.limit, len(gallery.captions))
+    images = len(gallery.image_ids)
+    scores = np.full((captions, images), np.nan, dtype=np.float32)
+    total = math.ceil(images / run.batch_size) * captions
+    with tqdm(total=total, desc="evaluate retrieval", disable=not run.progress) as bar:
+        for batch in gallery.batches(run.batch_size):
+            caption, image = batch["meta"]["caption_index"], batch["meta"]["image_index"]
+            if int(caption[0]) >= captions:  # smoke runs: the first captions only (every batch is one caption)
+                continue
+            out = run.model(**model_inputs(to_device(batch, run.device)), heads=run.heads)
+            scores[caption.numpy(), image.numpy()] = finite(pair_scores(out, run.zero_shot), "pair scores").numpy()
+            bar.update(1)
+    if np.isnan(scores).any():
+        raise RuntimeError("the gallery did not score every caption-image pair")  # a bug, not bad input
+    records = []
+    for c in range(captions):
+        order = np.argsort(-scores[c], kind="stable")[:TOP_K]
+        truth = gallery.caption_image[c]
+        records.append({
+            "caption_index": c,
+            "caption": gallery.captions[c],
+            "image_id": gallery.image_ids[truth],
+            "prediction": gallery.image_ids[int(order[0])],
+            "target": gallery.image_ids[truth],
+            "score": float(scores[c, order[0]]),
+            "target_score": float(scores[c, truth]),
+            "top_k": [gallery.image_ids[int(i)] for i in order],
+            "top_k_scores": [float(scores[c, i]) for i in order],
+        })  # fmt: skip
+    return Predictions(
+        "retrieval",
+        records,
+        zero_shot=run.zero_shot,
+        scores=scores,
+        caption_image=list(gallery.caption_image[:captions]),
+        image_ids=list(gallery.image_ids),
+    )
+
+
+def _score(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    if predictions.scores is None:
+        raise ValueError("retrieval predictions carry no score matrix")
+    result = retrieval_scores(predictions.scores, predictions.caption_image)
+    metrics: dict[str, float] = {"chance": percent(result["chance"]["recall_at_1"])}
+    for prefix, part in (("", result["image_retrieval"]), ("text_", result["text_retrieval"])):
+        for key, value in part.items():
+            if key.startswith("recall_at_"):
+                metrics[f"{prefix}recall@{key.removeprefix('recall_at_')}"] = percent(value)
+            elif key in ("median_rank", "mean_rank"):
+                metrics[f"{prefix}{key}"] = float(value)
+    return metrics, [{"rank": rank} for rank in result["image_retrieval"]["ranks"]]
+
+
+def _pictures(predictions: Predictions, images: Callable[[str], bytes], out_dir: Path, count: int) -> list[Path]:
+    """Captions with their best images, the correct one framed."""
+    records = predictions.records
+    ranked_examples: list[pictures.RetrievalExample] = []
+    for r in (records[i] for i in spread(len(records), min(count, PICTURE_EXAMPLES))):
+        ranked = r["top_k"][:PICTURE_TOP]
+        correct = ranked.index(r["target"]) if r["target"] in ranked else None
+        ranked_examples.append(pictures.RetrievalExample(r["caption"], [images(i) for i in ranked], correct,
+                                                         r["top_k_scores"][:PICTURE_TOP]))  # fmt: skip
+    return [pictures.retrieval_examples_png(out_dir, ranked_examples)]
+
+
+def _attention_inputs(predictions: Predictions, index: int, data: Any) -> tuple[dict[str, Tensor], str, str]:
+    """The caption with its true image."""
+    record = predictions.records[index]
+    text = encode_text(data.tokenizer, record["caption"], data.config.max_text_length)
+    regions = data.regions[record["target"]]
+    inputs: dict[str, Tensor] = {**{k: text[k] for k in ("input_ids", "token_type_ids", "attention_mask")},
+              "features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}  # fmt: skip
+    return {k: v[None] for k, v in inputs.items()}, record["target"], record["caption"]
+
+
+def _serve(out: Any, batch: dict[str, Any], choices: list[tuple[str, ...]], vocab: Any,
+           zero_shot: bool) -> list[dict[str, Any]]:  # fmt: skip
+    return [{"score": float(s)} for s in pair_scores(out, zero_shot=zero_shot).tolist()]
+
+
+RETRIEVAL_TASK = TaskSpec(
+    name="retrieval",
+    heads=("pair",),
+    loss=choice_loss,
+    metric=METRIC,
+    title="Image retrieval",
+    model_name="vilbert-retrieval",
+    files=(FLICKR_FILE,),
+    text_length=30,
+    dataset=_dataset,
+    evaluation_data=_evaluation_data,
+    predict=_predict,
+    score=_score,
+    pictures=_pictures,
+    attention_inputs=_attention_inputs,
+    serving=ServingAdapter(
+        outputs=(("score", "double"),),
+        example_text="a red circle next to a blue square",
+        decode=_serve,
+    ),
+    gallery=True,
+    zero_shot=True,
+)

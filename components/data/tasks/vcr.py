@@ -17,7 +17,10 @@ names table this project does not ship).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +37,23 @@ from components.data.common import (
     require_features,
 )
 from components.data.regions import RegionSource
-from components.data.tasks.common import TaskFiles, TaskSpec
+from components.data.tasks.common import (
+    PredictionRun,
+    Predictions,
+    ServingAdapter,
+    TaskFiles,
+    TaskSpec,
+    finite,
+    item_attention_inputs,
+    percent,
+)
+from components.metrics import pictures
+from components.metrics.vcr import vcr_predictions, vcr_scores
 from model.losses import multiple_choice_loss
 
 NUM_CHOICES = 4
 VCR_FILE = "tasks/vcr/{split}.jsonl"
+METRIC = "vcr_q2a_accuracy"
 
 
 def vcr_text(tokens: Any, objects: list[str]) -> str:
@@ -153,4 +168,100 @@ def choice_loss(output: Any, batch: dict[str, Any]) -> Tensor:
     return multiple_choice_loss(multiple_choice_logits(output, batch), batch["labels"]["choice"])
 
 
-VCR_TASK = TaskSpec(name="vcr", heads=("pair",), loss=choice_loss, metric="vcr_q2a_accuracy")
+def valid_label(label: Any) -> bool:
+    """``answer_label`` is the index of one of the choices."""
+    return isinstance(label, int) and not isinstance(label, bool) and 0 <= label < NUM_CHOICES
+
+
+def _dataset(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, text_length: int, seed: int,
+             vocab: Any = None) -> VCRDataset:  # fmt: skip
+    return VCRDataset(files, regions, tokenizer, VCRDataConfig(split=split, max_text_length=text_length))
+
+
+def _evaluation_data(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, length: dict[str, Any],
+                     vocab: Any = None) -> VCRDataset:  # fmt: skip
+    vcr = VCRDataset(files, regions, tokenizer, VCRDataConfig(split=split, **length))
+    unlabelled = [it["row_id"] for it in vcr.items if not valid_label(it["row"].get("answer_label"))]
+    if unlabelled:
+        raise DataError(f"{len(unlabelled)} VCR rows of split {split!r} have no valid answer_label "
+                        f"(e.g. {unlabelled[:5]}): Q->A accuracy cannot be computed")  # fmt: skip
+    return vcr
+
+
+def _predict(run: PredictionRun) -> Predictions:
+    """The answer choice of the highest pair logit (``components.metrics.vcr.vcr_predictions``: ties go to the
+    lowest index); score = its softmax probability over the four choices."""
+    records = []
+    for indices, batch, out in run.batches():
+        logits = finite(multiple_choice_logits(out, batch), "pair logits")  # (B, 4)
+        chosen = vcr_predictions(logits.numpy())
+        probs = torch.softmax(logits, -1)
+        for row, index in enumerate(indices):
+            item = run.dataset.items[index]
+            label = item["row"].get("answer_label")
+            valid = isinstance(label, int) and not isinstance(label, bool) and 0 <= label < logits.shape[1]
+            records.append({
+                "annot_id": item["row_id"],
+                "image_id": item["image_id"],
+                "question": item["row"].get("question"),
+                "prediction": int(chosen[row]),
+                "target": label if valid else None,
+                "score": float(probs[row, chosen[row]]),
+                "choice_scores": logits[row].tolist(),
+            })  # fmt: skip
+    return Predictions("vcr", records)
+
+
+def _score(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    records = predictions.records
+    unlabelled = [r["annot_id"] for r in records if r.get("target") is None]
+    if unlabelled:
+        raise ValueError(f"{len(unlabelled)} VCR questions have no answer_label (e.g. {unlabelled[:5]})")
+    result = vcr_scores([r["choice_scores"] for r in records], [r["target"] for r in records])
+    metrics = {METRIC: percent(result["accuracy"]), "chance": percent(result["chance"])}
+    return metrics, [{"correct": c} for c in result["correct"]]
+
+
+def _pictures(predictions: Predictions, images: Callable[[str], bytes], out_dir: Path, count: int) -> list[Path]:
+    """Chosen vs correct answer positions."""
+    records = predictions.records
+    truth = [f"answer {r['target'] + 1}" for r in records if r.get("target") is not None]
+    if not truth:
+        return []
+    chosen = [f"answer {r['prediction'] + 1}" for r in records]
+    title = "VCR Q->A: chosen vs correct answer position"
+    return [pictures.answer_distribution_png(out_dir, chosen, truth, title=title)]
+
+
+def _serve(out: Any, batch: dict[str, Any], choices: list[tuple[str, ...]], vocab: Any,
+           zero_shot: bool) -> list[dict[str, Any]]:  # fmt: skip
+    probs = torch.softmax(out.pair_logit.float().view(-1, NUM_CHOICES), dim=-1)  # (B, 4), row b*4+k = choice k
+    results = []
+    for options, scores in zip(choices, probs.tolist(), strict=True):
+        choice = max(range(NUM_CHOICES), key=scores.__getitem__)
+        results.append({"choice": choice, "answer": options[choice], "score": scores[choice], "scores": scores})
+    return results
+
+
+VCR_TASK = TaskSpec(
+    name="vcr",
+    heads=("pair",),
+    loss=choice_loss,
+    metric=METRIC,
+    title="VCR Q→A",
+    model_name="vilbert-vcr",
+    files=(VCR_FILE,),
+    text_length=40,
+    dataset=_dataset,
+    evaluation_data=_evaluation_data,
+    predict=_predict,
+    score=_score,
+    pictures=_pictures,
+    attention_inputs=functools.partial(item_attention_inputs, text_key="question", chosen_row=True),
+    serving=ServingAdapter(
+        outputs=(("choice", "long"), ("answer", "string"), ("score", "double"), ("scores", "double[]")),
+        example_text="which shape is at the top?",
+        decode=_serve,
+        choices=True,
+    ),
+)

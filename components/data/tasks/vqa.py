@@ -14,9 +14,10 @@ training code uses, so both conventions give the same targets here.  Loss: ``mod
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,28 @@ from components import storage
 from components.data.common import DataError, DatasetReport, EpochItems, check_tokenizer, encode_text, non_empty
 from components.data.common import require_features as _require_features
 from components.data.regions import RegionSource
-from components.data.tasks.common import TaskFiles, TaskSpec
-from components.metrics.vqa import normalize_answer, vqa_accuracy
+from components.data.tasks.common import (
+    PredictionRun,
+    Predictions,
+    ServingAdapter,
+    TaskFiles,
+    TaskSpec,
+    finite,
+    item_attention_inputs,
+    percent,
+    slug,
+)
+from components.metrics import pictures
+from components.metrics.vqa import normalize_answer, vqa_accuracy, vqa_scores
 from model.losses import vqa_soft_bce_loss
 
 ANSWER_VOCAB_FILE = "answer_vocab.json"
 VOCAB_FORMAT = "vilbert-vqa-answers"
 QUESTIONS = "tasks/vqa/v2_OpenEnded_mscoco_{split}_questions.json"
 ANNOTATIONS = "tasks/vqa/v2_mscoco_{split}_annotations.json"
+METRIC = "vqa_accuracy"
+#: Answers a served model lists per request row (``top_answers``).
+SERVING_TOP_K = 5
 
 
 class AnswerVocab:
@@ -215,4 +230,102 @@ def predicted_answers(answer_logits: Tensor, vocab: AnswerVocab) -> list[str]:
     return [vocab[i] for i in answer_logits.argmax(-1).tolist()]
 
 
-VQA_TASK = TaskSpec(name="vqa", heads=("answer",), loss=vqa_loss, metric="vqa_accuracy")
+def _dataset(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, text_length: int, seed: int,
+             vocab: Any = None) -> VQADataset:  # fmt: skip
+    return VQADataset(files, regions, tokenizer, vocab, VQADataConfig(split=split, max_text_length=text_length))
+
+
+def _evaluation_data(files: TaskFiles, regions: RegionSource, tokenizer: Any, split: str, length: dict[str, Any],
+                     vocab: AnswerVocab | None = None) -> VQADataset:  # fmt: skip
+    if vocab is None:
+        raise ValueError("VQA evaluation needs the answer vocabulary")
+    vqa = VQADataset(files, regions, tokenizer, vocab, VQADataConfig(split=split, **length))
+    if not vqa.annotated:
+        raise DataError(f"VQA split {split!r} of {files.root} has no annotation file: accuracy cannot be computed "
+                        "(VQA's test-dev answers are scored by the official server)")  # fmt: skip
+    return vqa
+
+
+def _predict(run: PredictionRun) -> Predictions:
+    """The answer of the highest answer logit; score = its sigmoid (the head is trained with soft BCE)."""
+    vocab, records = run.dataset.vocab, []
+    for indices, _batch, out in run.batches():
+        logits = finite(out.answer_logits, "answer logits")  # (B, A)
+        best = logits.argmax(-1)
+        probs = torch.sigmoid(logits.gather(1, best[:, None]))[:, 0]
+        for row, index in enumerate(indices):
+            item = run.dataset.items[index]
+            question, ann = item["question"], item["annotation"] or {}
+            answers = [a["answer"] for a in ann.get("answers", []) if isinstance(a, dict) and "answer" in a]
+            records.append({
+                "question_id": question["question_id"],
+                "image_id": item["image_id"],
+                "question": question.get("question"),
+                "prediction": vocab[int(best[row])],
+                "target": ann.get("multiple_choice_answer"),
+                "score": float(probs[row]),
+                "answers": answers,
+                "answer_type": ann.get("answer_type"),
+                "question_type": ann.get("question_type"),
+            })  # fmt: skip
+    return Predictions("vqa", records)
+
+
+def _score(predictions: Predictions) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    records = predictions.records
+    unannotated = [r["question_id"] for r in records if not r.get("answers") or r.get("answer_type") is None]
+    if unannotated:
+        raise ValueError(
+            f"{len(unannotated)} questions have no human answers (e.g. {unannotated[:5]}): VQA accuracy needs the "
+            "split's annotation file"
+        )
+    entries = [{"question_id": r["question_id"], "answers": r["answers"], "answer_type": r["answer_type"],
+                **({"question_type": r["question_type"]} if r.get("question_type") is not None else {})}
+               for r in records]  # fmt: skip
+    result = vqa_scores({r["question_id"]: r["prediction"] for r in records}, entries)
+    metrics = {METRIC: percent(result["accuracy"]), "chance": percent(result["chance"])}
+    for answer_type, value in result["per_answer_type"].items():
+        metrics[f"vqa_accuracy_{slug(answer_type)}"] = percent(value)
+    return metrics, [{"accuracy": result["per_question"][r["question_id"]]} for r in records]
+
+
+def _pictures(predictions: Predictions, images: Callable[[str], bytes], out_dir: Path, count: int) -> list[Path]:
+    """Predicted vs ground-truth answer shares."""
+    records = predictions.records
+    truth = [r["target"] for r in records if r.get("target") is not None]
+    return [pictures.answer_distribution_png(out_dir, [r["prediction"] for r in records], truth)] if truth else []
+
+
+def _serve(out: Any, batch: dict[str, Any], choices: list[tuple[str, ...]], vocab: Any,
+           zero_shot: bool) -> list[dict[str, Any]]:  # fmt: skip
+    probs = torch.sigmoid(out.answer_logits.float())  # (B, A): trained with binary cross-entropy per answer
+    top = probs.topk(min(SERVING_TOP_K, probs.shape[1]), dim=-1)
+    results = []
+    for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        answers = [vocab[i] for i in indices]
+        results.append({"answer": answers[0], "score": values[0], "top_answers": answers, "top_scores": values})
+    return results
+
+
+VQA_TASK = TaskSpec(
+    name="vqa",
+    heads=("answer",),
+    loss=vqa_loss,
+    metric=METRIC,
+    title="VQA",
+    model_name="vilbert-vqa",
+    files=(QUESTIONS, ANNOTATIONS),
+    text_length=23,
+    dataset=_dataset,
+    evaluation_data=_evaluation_data,
+    predict=_predict,
+    score=_score,
+    pictures=_pictures,
+    attention_inputs=functools.partial(item_attention_inputs, text_key="question"),
+    serving=ServingAdapter(
+        outputs=(("answer", "string"), ("score", "double"), ("top_answers", "string[]"), ("top_scores", "double[]")),
+        example_text="what colour is the circle?",
+        decode=_serve,
+    ),
+    answer_vocab=True,
+)
