@@ -5,7 +5,7 @@ Prepared for a lent H200 (a few minutes; ``benchmarks/gpu_training.sh`` runs the
 Without a CUDA device it stops at once with a clear message; ``--dry-run`` runs the same code path on the CPU with
 the ``tiny`` preset and small sizes (no bf16 there: the trainer never autocasts on CPU).
 
-Data: a pool of synthetic pretraining examples (``model.bench.synthetic_batch``: 36 tokens, 37 regions, the
+Data: a pool of synthetic pretraining examples (``components.bench.throughput.synthetic_batch``: 36 tokens, 37 regions, the
 paper's D = 2048 / C = 1601, random lengths and ~15% masking) kept ON the GPU; the DataLoader hands the trainer
 index tensors and the loss function gathers the batch on the device.  So the input pipeline is not measured
 (the CPU pipeline gives ~360 items/s per core at these sizes: see the ``data_pipeline`` section).
@@ -91,7 +91,7 @@ def counted_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], autoca
 
 def build_pool(config: Any, n: int, text_len: int, regions: int, device: torch.device) -> dict[str, torch.Tensor]:
     """``n`` synthetic pretraining examples on ``device`` (chunks of 256 with their own seeds)."""
-    from model.bench import synthetic_batch
+    from components.bench.throughput import synthetic_batch
 
     chunks = [synthetic_batch(config, min(256, n - i), text_len, regions, seed=i) for i in range(0, n, 256)]
     return {k: torch.cat([ch[k] for ch in chunks]).to(device) for k in chunks[0]}
@@ -215,7 +215,7 @@ def render(results: list[dict[str, Any]], command: str) -> str:
         "shown, all listed); the last step with the final checkpoint (weights + AdamW state, sha256 manifest, "
         "fsync) is timed apart.",
         f"- Data: {r0['pool']} synthetic examples ({r0['text_len']} tokens, {r0['regions']} regions, random real "
-        "lengths, ~15% masked; `model.bench.synthetic_batch`) held on the GPU and gathered by index in the loss "
+        "lengths, ~15% masked; `components.bench.throughput.synthetic_batch`) held on the GPU and gathered by index in the loss "
         "function: the CPU input pipeline is NOT part of these figures.",
         f"- MFU = samples/s x model FLOPs per example / {r0['peak_tflops']:.0f} TFLOP/s (H200 dense bf16). Model "
         f"FLOPs per example = 3 x the analytic forward count (formula in `benchmarks/gpu_training.py`): "

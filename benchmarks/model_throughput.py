@@ -1,6 +1,6 @@
 """Training throughput of this ViLBERT vs the original, written to ``benchmarks/RESULTS.md``.
 
-Runs :func:`model.bench.benchmark` for each preset (default ``demo`` and ``paper-base``) and each variant
+Runs :func:`components.bench.throughput.benchmark` for each preset (default ``demo`` and ``paper-base``) and each variant
 ``OPTIMIZER/MALLOC`` (optionally ``PRESET:OPTIMIZER/MALLOC`` to run it for that preset only; both settings
 apply to ours and the original alike), then replaces the ``model_throughput`` section of the results file
 (other sections are kept).
@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from model.bench import MALLOC, OPTIMIZERS, benchmark
+from components.bench.throughput import OPTIMIZERS, benchmark
+from components.training.malloc import MALLOC
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- model_throughput:start -->", "<!-- model_throughput:end -->"
@@ -83,11 +84,11 @@ def render(results: list[dict[str, Any]], command: str, minutes: float) -> str:
         f"- Command: `{command}`",
         "- One step = forward with the three pretraining losses (masked words, masked regions, alignment), "
         "backward, AdamW step, zero_grad; train mode (dropout on), float32, synthetic batch "
-        "(`model.bench.synthetic_batch`).  Each implementation runs in its own fresh process; "
+        "(`components.bench.throughput.synthetic_batch`).  Each implementation runs in its own fresh process; "
         "samples/s = batch x steps / time of the timed steps after warmup; best of the repeats is shown "
         "(all runs in the last column).  Peak RSS = the child's `ru_maxrss`; train dRSS = peak minus RSS "
         "just before the first step (gradients, AdamW state, activations).  malloc `tuned` = glibc `mallopt` "
-        "(no trimming, fixed 32 MiB mmap threshold, 256 MiB top pad; `model.bench.MALLOC`) in both processes.  "
+        "(no trimming, fixed 32 MiB mmap threshold, 256 MiB top pad; `components.training.malloc.MALLOC`) in both processes.  "
         "The machine is shared with other jobs: each run first waits for a quiet second, and a timed step "
         "during which other processes used >= 5% of the CPUs is discarded, waited out and replaced (up to 8x "
         "the steps); clean steps = how many of the reported steps were undisturbed.",

@@ -108,7 +108,7 @@ class RunSpec:
     max_restarts: int = 0
     """torchrun restarts allowed."""
     malloc: str = "default"
-    """``model.bench.MALLOC`` setting applied in each worker."""
+    """``components.training.malloc.MALLOC`` setting applied in each worker."""
     tokenizer: str = "minilm"
     """Tokenizer folder, or ``minilm`` (the bundled one)."""
     text_init: bool = True
@@ -203,7 +203,7 @@ class QuietGate:
         import torch
         import torch.distributed as dist
 
-        from model.bench import wait_until_quiet
+        from components.bench.throughput import wait_until_quiet
 
         other = other_share(self.last, usage(self.root, self.seen))
         pause = force or (other >= DISTURBED and self.waited < self.budget)
@@ -235,8 +235,8 @@ def train_worker(spec_json: str) -> dict[str, Any]:
     from components.data.sampler import ResumableDistributedSampler
     from components.training import Trainer, TrainerConfig
     from components.training.distributed import dist_info_from_env, restart_count, under_torchrun
+    from components.training.malloc import tune_malloc
     from model import ViLBertForPretraining, preset
-    from model.bench import tune_malloc
     from model.checkpoint import load_bert_text_stream
     from model.tokenizer import load_tokenizer, minilm_dir
 
@@ -355,7 +355,7 @@ class TreeMonitor:
 
 def run_child(spec: RunSpec, work: Path, quiet_wait: float) -> dict[str, Any]:
     """Run ``spec`` in a fresh process tree; returns its events per rank and what the monitor saw."""
-    from model.bench import wait_until_quiet
+    from components.bench.throughput import wait_until_quiet
 
     out = work / "runs" / spec.name
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -557,7 +557,7 @@ def render(data: dict[str, Any], notes: str) -> str:
         "`Trainer` defaults: AdamW with `fused=None` (= fused, which torch supports on CPU), weight decay 0.01, "
         "clipping at 1.0, linear warm-up/decay, fp32 (the trainer never autocasts on CPU), DataLoader "
         "`num_workers=0`, train mode (dropout on), glibc malloc untouched, except in `-tuned` rows: "
-        '`model.bench.tune_malloc("tuned")` in the worker (no trimming, fixed 32 MiB mmap threshold, 256 MiB '
+        '`components.training.malloc.tune_malloc("tuned")` in the worker (no trimming, fixed 32 MiB mmap threshold, 256 MiB '
         "top pad; the trainer does not do this itself); `log_every` = the last step, checkpoints only where "
         "stated.",
         "- Step time = wall time between consecutive calls of the loss function on rank 0: one whole loop "

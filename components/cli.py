@@ -1,4 +1,7 @@
-"""The ``vilbert`` command line.  Thin: parse, call a function, print the result, set the exit code."""
+"""The ``vilbert`` command line of the steps.  Thin: parse, call a function, print the result, set the exit code.
+
+The console script is ``pipelines.cli:app``: this app plus the ``pipeline`` group (the Kubeflow pipeline lives on
+the pipelines side, which imports components, never the reverse)."""
 
 from __future__ import annotations
 
@@ -128,7 +131,7 @@ def bench(
     output: Annotated[Path | None, typer.Option(help="Write the full result as JSON here.")] = None,
 ) -> None:
     """Training throughput (samples/s) and peak memory, optionally against the original implementation."""
-    from model.bench import benchmark
+    from components.bench.throughput import benchmark
 
     result = benchmark(
         preset,
@@ -234,9 +237,6 @@ def presets() -> None:
 
 
 # --- step commands (one registration line per step module) ---
-from components.commands.pipeline import pipeline_app  # noqa: E402
-
-app.add_typer(pipeline_app, name="pipeline")
 from components.commands.summary import summary_command  # noqa: E402
 
 app.command("summary")(summary_command)

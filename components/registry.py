@@ -200,6 +200,7 @@ def stage_artifacts(config: RegisterConfig, step: Mapping[str, Any], metrics: Ma
                     staging: Path) -> tuple[dict[str, str], str]:  # fmt: skip
     """Stage the serving artifacts of F in ``staging`` (the extractor, the task settings; the checkpoint stays where
     it is); returns ``(artifacts for mlflow.pyfunc.log_model, feature spec hash)``."""
+    from components.data.regions import DEFAULT_MAX_REGIONS
     from components.data.tasks.vqa import ANSWER_VOCAB_FILE
     from components.features.spec import FeatureSpec
     from components.serving import CHECKPOINT, EXTRACTOR, SERVING_FILE, TASK, ServingSpec
@@ -221,7 +222,7 @@ def stage_artifacts(config: RegisterConfig, step: Mapping[str, Any], metrics: Ma
     serving = ServingSpec(
         task=metrics["task"],
         max_text_length=int(step.get("max_text_length") or 36),
-        max_regions=int((step.get("config") or {}).get("max_regions") or 37),
+        max_regions=int((step.get("config") or {}).get("max_regions") or DEFAULT_MAX_REGIONS),
         zero_shot=bool(metrics.get("zero_shot")),
         batch_size=config.batch_size,
     )

@@ -2,7 +2,7 @@
 
 * ``local``: ``run_pretrain`` inside the step (torchrun's elastic agent when ``nproc`` > 1).
 * ``pytorchjob``: the step creates a Training Operator PyTorchJob running ``vilbert pretrain`` on
-  ``nodes`` x ``gpus_per_node`` workers (components/training/pytorchjob.py), follows it to the end, and copies the
+  ``nodes`` x ``gpus_per_node`` workers (components/kube/pytorchjob.py), follows it to the end, and copies the
   result from the shared checkpoints volume into the step's output artifact.  The job reads the step's inputs
   from object storage (their artifact URIs), so nothing large passes through the step pod.
 """
@@ -96,8 +96,8 @@ def pretrain_with_pytorchjob(
     options: dict[str, Any], uris: dict[str, str], output: str, nodes: int, gpus_per_node: int
 ) -> dict[str, Any]:
     """Run pretraining as a PyTorchJob and publish its result into ``output``; raises when the job fails."""
-    from components.training.pytorchjob import fetch_template, run_pytorchjob
-    from components.training.pytorchjob_manifest import spec_from_template
+    from components.kube.pytorchjob import fetch_template, run_pytorchjob
+    from components.kube.pytorchjob_manifest import spec_from_template
 
     run = os.environ.get("KFP_RUN_ID") or uuid.uuid4().hex[:12]
     shared = f"{SHARED_CHECKPOINTS}/{run}/pretrain"

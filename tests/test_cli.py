@@ -32,7 +32,7 @@ def test_every_cli_option_has_help():
     import click
     import typer.main
 
-    from components.cli import app
+    from pipelines.cli import app  # the console script: the steps plus `vilbert pipeline`
 
     def walk(cmd, path):
         for param in cmd.params:

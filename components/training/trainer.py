@@ -469,7 +469,7 @@ def loss_series(path: Path) -> dict[str, tuple[list[float], list[float]]]:
 
 def _tune_malloc() -> None:
     """glibc mallopt settings measured in benchmarks/training.py (no-op where libc is not glibc)."""
-    from model.bench import tune_malloc
+    from components.training.malloc import tune_malloc
 
     try:
         tune_malloc("tuned")

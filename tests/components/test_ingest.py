@@ -24,6 +24,7 @@ from components.ingest import (
     hash_split,
     run_ingest,
 )
+from components.sources import synthetic
 from components.sources.base import SourceCaption, SourceFiles, SourceImage, SourceProblem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -360,7 +361,6 @@ def test_config_is_validated(tmp_path, kw, message):
 
 
 def test_synthetic_source_ingests(tmp_path):
-    synthetic = pytest.importorskip("components.sources.synthetic", reason="the synthetic source is not written yet")
     uri = "synthetic://shapes?seed=0&n=20"
     expected = sorted(i.image_id for i in synthetic.SyntheticSource(uri).images())
     out = tmp_path / "out"

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.training.launch import free_port
-from components.training.pytorchjob import (
+from components.kube.pytorchjob import (
     PvcMount,
     PyTorchJobError,
     PyTorchJobFailed,
@@ -34,6 +33,7 @@ from components.training.pytorchjob import (
     run_pytorchjob,
     spec_from_template,
 )
+from components.training.launch import free_port
 from tests.infra import k8s_checks as kc
 from tests.infra.replay_cluster import Frame, OperatorStatus, ReplayCluster, event, log_line
 

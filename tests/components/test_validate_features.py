@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from components.features.spec import FeatureSpec, RegionFeatures
+from components.features.store import FeatureStoreWriter
 from components.validate import ValidateConfig, ValidationFailed, run_validate
 from components.validation import ValidationLimits
 from tests.components.test_validate_fixtures import H, W, image_id, make_world
@@ -107,11 +109,6 @@ def test_bad_feature_records_are_quarantined(tmp_path) -> None:
 
 
 def test_real_feature_store_with_corrupted_bytes(tmp_path) -> None:
-    try:
-        from components.features.spec import FeatureSpec, RegionFeatures
-        from components.features.store import FeatureStoreWriter
-    except ImportError as exc:  # the feature store is another engineer's module
-        pytest.skip(f"components.features.store not importable: {exc}")
     world = make_world(6, tasks=False)
     root = world.write(tmp_path / "data")
     spec = FeatureSpec(backend="demo", weights_sha256=None, feature_size=D, num_classes=C, min_boxes=1, max_boxes=40)

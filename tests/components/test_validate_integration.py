@@ -7,16 +7,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from components.ingest import IngestConfig, run_ingest
 from components.validate import ValidateConfig, run_validate
 from components.validation import ValidationLimits
 
 
 @pytest.mark.slow
 def test_ingested_synthetic_world_passes_then_catches_a_changed_file(tmp_path) -> None:
-    try:
-        from components.ingest import IngestConfig, run_ingest
-    except ImportError as exc:  # ingest and the synthetic world are other engineers' modules
-        pytest.skip(f"components.ingest not importable: {exc}")
     root = tmp_path / "data"
     ingested = run_ingest(
         IngestConfig(source="synthetic://shapes?seed=0&n=20&size=64", output=str(root), progress=False)

@@ -1,6 +1,6 @@
 """The pretrain PyTorchJob template of infra/k8s/base is generated from the launcher's own builder.
 
-``components.training.pytorchjob.build_template(TEMPLATE_SPEC)`` is the one source of the job's shape; the YAML
+``components.kube.pytorchjob.build_template(TEMPLATE_SPEC)`` is the one source of the job's shape; the YAML
 file is its output plus a header. ``test_manifests.py`` fails when they differ. After changing the builder or the
 spec below, regenerate the file with::
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from components.training.pytorchjob import TEMPLATE_NAME, PyTorchJobSpec, Toleration, build_template
+from components.kube.pytorchjob import TEMPLATE_NAME, PyTorchJobSpec, Toleration, build_template
 
 TEMPLATE_FILE = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "pytorchjob" / "pretrain-template.yaml"
 
@@ -29,7 +29,7 @@ TEMPLATE_SPEC = PyTorchJobSpec(
 )
 
 HEADER = """\
-# GENERATED from components/training/pytorchjob_manifest.py (build_template) and TEMPLATE_SPEC in
+# GENERATED from components/kube/pytorchjob_manifest.py (build_template) and TEMPLATE_SPEC in
 # tests/infra/pretrain_template.py: do not edit by hand; regenerate with
 #   .venv/bin/python -m tests.infra.pretrain_template
 # (tests/infra fails while this file and the builder disagree).

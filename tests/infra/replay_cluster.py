@@ -1,7 +1,7 @@
 """A scripted stand-in for the Kubernetes API server, for testing the PyTorchJob launcher without a cluster.
 
 THIS IS NOT A CLUSTER. There is no scheduler, no Training Operator, no pod and no container: a loopback HTTP
-server answers the few REST paths that ``components.training.kube.KubernetesJobApi`` calls (through the real
+server answers the few REST paths that ``components.kube.client.KubernetesJobApi`` calls (through the real
 ``kubernetes`` client) with what a test scripted: one :class:`Frame` per poll of the job, each holding the
 job's ``status`` (conditions built by :class:`OperatorStatus`, which applies the Training Operator v1's rules for
 setting conditions, pkg/util/status.go, with the reasons and messages its PyTorchJob controller writes), the
@@ -140,7 +140,7 @@ class ReplayCluster:
         """The launcher's real API adapter, with the official client pointed at this server."""
         from kubernetes import client
 
-        from components.training.kube import KubernetesJobApi
+        from components.kube.client import KubernetesJobApi
 
         configuration = client.Configuration()
         configuration.host = self.url

@@ -121,7 +121,7 @@ def test_entrypoint(name):
     dockerfile = _parsed(name)
     entrypoint = df.exec_form(dockerfile.effective(_final(dockerfile), "ENTRYPOINT"))
     assert entrypoint == (["mlflow"] if name == "Dockerfile.mlflow" else ["vilbert"])
-    assert PYPROJECT["project"]["scripts"]["vilbert"] == "components.cli:app"
+    assert PYPROJECT["project"]["scripts"]["vilbert"] == "pipelines.cli:app"
 
 
 def test_test_stage_is_not_the_default_target():
@@ -250,4 +250,4 @@ def test_project_builds_from_exactly_what_the_builder_copies(tmp_path):
     for package in ("model", "components", "pipelines"):
         assert f"{package}/__init__.py" in names, f"{package} missing from the wheel"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "vilbert = components.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "vilbert = pipelines.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from components.training.pytorchjob import (
+from components.kube.pytorchjob import (
     TEMPLATE_NAME,
     PyTorchJobSpec,
     PyTorchJobTimeout,

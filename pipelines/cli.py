@@ -1,4 +1,9 @@
-"""``vilbert pipeline run|compile``: the Kubeflow pipeline of ``pipelines/full.py`` from the main CLI."""
+"""The ``vilbert`` console script: the steps' commands (``components.cli``) plus ``vilbert pipeline run|compile``,
+the Kubeflow pipeline of ``pipelines/full.py``.
+
+The pipeline group is added here, on the pipelines side, so that ``components`` never imports ``pipelines``
+(dependency direction: pipelines -> components -> model).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from components.cli import app
 
 pipeline_app = typer.Typer(
     help="The Kubeflow pipeline (pipelines/full.py): run locally or compile.", no_args_is_help=True
@@ -42,3 +49,14 @@ def pipeline_compile(
     from pipelines.full import compile_pipeline
 
     typer.echo(str(compile_pipeline(output)))
+
+
+app.add_typer(pipeline_app, name="pipeline")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

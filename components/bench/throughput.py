@@ -2,21 +2,21 @@
 
 One *measurement* times full pretraining steps (forward with the three losses, backward, AdamW step,
 ``zero_grad``) in train mode on a deterministic synthetic batch.  :func:`benchmark` runs every measurement in
-a fresh Python process (``python -m model.bench --child ...``) so that peak RSS (``ru_maxrss``, monotone and
-process-wide) belongs to one implementation only.  Given the original source tree it also checks, in eval mode
+a fresh Python process (``python -m components.bench.throughput --child ...``) so that peak RSS (``ru_maxrss``,
+monotone and process-wide) belongs to one implementation only.  Given the original source tree it also checks, in eval mode
 and with identical weights, that both implementations give the same losses and gradients on the batch.
 
 The original is imported from its source tree at run time (``<src>/vilbert/vilbert.py``) as the throwaway
 package ``_vilbert_reference``; nothing of it is part of this package.
 
-CLI: ``python -m model.bench --preset demo --steps 20 --reference-src /path/to/vilbert_beta`` prints JSON.
+CLI: ``python -m components.bench.throughput --preset demo --steps 20 --reference-src /path/to/vilbert_beta``
+prints JSON (``vilbert model bench`` prints a table).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import importlib.util
 import json
@@ -36,9 +36,11 @@ import psutil
 import torch
 from torch import Tensor
 
-from .config import ViLBertConfig, preset
-from .convert import export_official_state_dict, official_key_map
-from .heads import ViLBertForPretraining
+from components.data.regions import DEFAULT_MAX_REGIONS
+from components.training.malloc import MALLOC, tune_malloc
+from model.config import ViLBertConfig, preset
+from model.convert import export_official_state_dict, official_key_map
+from model.heads import ViLBertForPretraining
 
 REFERENCE_PACKAGE = "_vilbert_reference"
 LOSS_NAMES = ("masked_lm_loss", "masked_region_loss", "alignment_loss")
@@ -52,22 +54,10 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw-foreach": {"foreach": True},
     "adamw-fused": {"fused": True},
 }
-#: glibc malloc settings: ``tuned`` keeps freed memory in the process (no trimming, a fixed 32 MiB mmap threshold,
-#: 256 MiB top pad) so that each step's activations and gradients reuse pages instead of page-faulting fresh ones.
-MALLOC = {"default": {}, "tuned": {-1: 2**30, -3: 2**25, -2: 2**28}}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_TOP_PAD
-
-
-def tune_malloc(setting: str) -> None:
-    """Apply a :data:`MALLOC` setting to this process (glibc only; irreversible)."""
-    if MALLOC[setting]:
-        libc = ctypes.CDLL("libc.so.6")
-        for option, value in MALLOC[setting].items():
-            if libc.mallopt(option, value) != 1:
-                raise OSError(f"mallopt({option}, {value}) failed")
 
 
 def synthetic_batch(
-    config: ViLBertConfig, batch_size: int = 8, text_len: int = 36, regions: int = 37, seed: int = 0
+    config: ViLBertConfig, batch_size: int = 8, text_len: int = 36, regions: int = DEFAULT_MAX_REGIONS, seed: int = 0
 ) -> dict[str, Tensor]:
     """A deterministic pretraining batch in this package's conventions (labels cover all ``regions``).
 
@@ -403,7 +393,17 @@ def _isolated(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "model.bench", "--child", kind, "--spec", json.dumps(spec), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "components.bench.throughput",
+            "--child",
+            kind,
+            "--spec",
+            json.dumps(spec),
+            "--out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"benchmark child {kind!r} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -414,7 +414,7 @@ def benchmark(
     preset_name: str = "demo",
     batch_size: int = 8,
     text_len: int = 36,
-    regions: int = 37,
+    regions: int = DEFAULT_MAX_REGIONS,
     steps: int = 10,
     warmup: int = 2,
     threads: int | None = None,
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         ("preset", "demo", str),
         ("batch-size", 8, int),
         ("text-len", 36, int),
-        ("regions", 37, int),
+        ("regions", DEFAULT_MAX_REGIONS, int),
         ("steps", 10, int),
         ("warmup", 2, int),
         ("threads", None, int),

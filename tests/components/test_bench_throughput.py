@@ -1,11 +1,11 @@
-"""The training-throughput benchmark (model.bench): fast runs on the tiny preset, without the original code."""
+"""The training-throughput benchmark (components.bench.throughput): fast runs on the tiny preset, without the original code."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.bench import benchmark, synthetic_batch
+from components.bench.throughput import benchmark, synthetic_batch
 from model.config import preset
 
 TIMING_FIELDS = ("samples_per_s", "step_ms", "step_ms_min", "step_ms_max", "peak_rss_mb", "rss_before_training_mb")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import ApiStatusError, JobApi, KubeError, KubernetesJobApi, log_timestamp
+from .client import ApiStatusError, JobApi, KubeError, KubernetesJobApi, log_timestamp
 from .pytorchjob_manifest import TemplateMismatch, build_pytorchjob, build_template, spec_from_template
 from .pytorchjob_spec import TEMPLATE_NAME, PvcMount, PyTorchJobSpec, PyTorchJobSpecError, Toleration
 
