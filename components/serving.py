@@ -188,7 +188,7 @@ class ViLBertPredictor:
         self.spec = spec
         self.vocab = vocab
         self.device = device
-        self.io: ServingAdapter = task.serving
+        self.adapter: ServingAdapter = task.serving
         self.heads: tuple[str, ...] = ("alignment",) if spec.zero_shot else task.heads
 
     @classmethod
@@ -257,20 +257,20 @@ class ViLBertPredictor:
     def _rows(self, frame: pd.DataFrame) -> list[_Row]:
         if not isinstance(frame, pd.DataFrame):
             raise ServingInputError(f"expected a DataFrame with columns image and text, got {type(frame).__name__}")
-        needed = ["image", "text"] + (["choices"] if self.io.choices else [])
+        needed = ["image", "text"] + (["choices"] if self.adapter.choices else [])
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise ServingInputError(f"the request lacks the column(s) {missing} (this {self.spec.task} model needs "
                                     f"{needed})")  # fmt: skip
         rows = []
         for n, (text, choices) in enumerate(
-            zip(frame["text"].tolist(), frame["choices"].tolist() if self.io.choices else [None] * len(frame),
+            zip(frame["text"].tolist(), frame["choices"].tolist() if self.adapter.choices else [None] * len(frame),
                 strict=True)
         ):  # fmt: skip
             if not isinstance(text, str) or not text.strip():
                 raise ServingInputError(f"row {n}: text must be a non-empty string")
             options: tuple[str, ...] = ()
-            if self.io.choices:
+            if self.adapter.choices:
                 options = tuple(choices) if isinstance(choices, list | tuple) or hasattr(choices, "tolist") else ()
                 if len(options) != NUM_CHOICES or not all(isinstance(c, str) and c.strip() for c in options):
                     raise ServingInputError(f"row {n}: choices must be a list of {NUM_CHOICES} non-empty strings")
@@ -296,10 +296,10 @@ class ViLBertPredictor:
 
         items = []
         for row, regions in zip(rows, self.region_inputs(images), strict=True):
-            text = (_encode_choices if self.io.choices else _encode_single)(self.tokenizer, row, self.spec)
+            text = (_encode_choices if self.adapter.choices else _encode_single)(self.tokenizer, row, self.spec)
             visual = {"features": regions.features, "boxes": regions.boxes, "region_mask": regions.region_mask}
             meta: dict[str, Any] = {"pixel_boxes": regions.pixel_boxes}
-            if self.io.choices:  # the same image for every choice (as the VCR dataset builds its items)
+            if self.adapter.choices:  # the same image for every choice (as the VCR dataset builds its items)
                 visual = {k: v.expand(NUM_CHOICES, *v.shape) for k, v in visual.items()}
                 meta["num_choices"] = NUM_CHOICES
             items.append({**text, **visual, "labels": {}, "meta": meta})
@@ -307,7 +307,7 @@ class ViLBertPredictor:
         with torch.inference_mode():
             out = self.model(**to_device(model_inputs(batch), self.device), heads=self.heads)
             out = _to_cpu(out)
-        return self.io.decode(out, batch, [row.choices for row in rows], self.vocab, self.spec.zero_shot)
+        return self.adapter.decode(out, batch, [row.choices for row in rows], self.vocab, self.spec.zero_shot)
 
 
 def _to_cpu(out: Any) -> Any:

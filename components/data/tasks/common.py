@@ -261,7 +261,7 @@ class TaskSpec:
     files: tuple[str, ...]
     """The task's native files under a dataset root (``{split}`` filled in); the first must exist."""
     text_length: int
-    """Default tokens per text (pair): long enough for the synthetic world's texts."""
+    """Default tokens per text (question, question + answer, expression, caption) as the original code uses."""
     dataset: Callable[..., Any]
     """``dataset(files, regions, tokenizer, split, text_length, seed, vocab)``: the training dataset of a split."""
     evaluation_data: Callable[..., Any]
