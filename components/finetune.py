@@ -13,9 +13,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from components import storage
+from components.data import DEFAULT_MAX_REGIONS
 from components.steps import (
     MINILM,
     RESULT_FILE,
@@ -46,7 +47,19 @@ VOCAB_FILE = "answer_vocab.json"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything ``vilbert finetune`` needs; ``trainer.output_dir`` is the step's output folder."""
+    """Everything ``vilbert finetune`` needs; ``trainer.output_dir`` is the step's output folder.
+
+    Built by :func:`components.config.load` in every engine (command line, params.yaml sections ``model`` and
+    ``finetune``, the Kubeflow op): its fields are the only declaration of the step's settings."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "finetune")
+    """The sections of params.yaml that ``--config params.yaml`` reads, in order."""
+    STEP_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "trainer": {"batch_size": 32, "lr": 4e-5, "checkpoint_every": 200, "keep_last": 2}
+    }
+    """Fine-tuning's own trainer defaults (over TrainerConfig's)."""
+    DEFAULT_EPOCHS: ClassVar[float] = 3.0
+    """Passes over the task's training split when neither ``trainer.epochs`` nor ``trainer.max_steps`` is set."""
 
     task: str
     """vqa, vcr, refcoco+ or retrieval."""
@@ -76,7 +89,7 @@ class FinetuneConfig:
     """Tokens per text; None: the original's length for the task (VQA 23, VCR 40, RefCOCO+ 20, retrieval 30)."""
     answer_min_count: int = 9
     """VQA: answers given at least this often in the training annotations form the answer vocabulary."""
-    max_regions: int = 37
+    max_regions: int = DEFAULT_MAX_REGIONS
     """Regions per image including the whole-image token."""
     blind: bool = False
     """Train the task's blind baseline (scratch init only): the model sees no image features - nothing of the image
@@ -99,6 +112,11 @@ class FinetuneConfig:
 
         if self.task not in TASK_NAMES:
             raise StepError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.model_config_file is None:
+            from model.config import PRESETS
+
+            if self.preset not in PRESETS:
+                raise StepError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.nproc < 1 or self.max_restarts < 0 or self.max_regions < 2 or self.answer_min_count < 1:
             raise StepError("need nproc >= 1, max_restarts >= 0, max_regions >= 2 and answer_min_count >= 1")
         if self.max_text_length is not None and self.max_text_length < 4:

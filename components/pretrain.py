@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from components import storage
-from components.data.pretraining import CAPTIONS_VALID, PretrainingDataConfig
+from components.data import DEFAULT_MAX_REGIONS
+from components.data.pretraining_config import CAPTIONS_VALID, PretrainingDataConfig
 from components.steps import (
     MINILM,
     RESULT_FILE,
@@ -42,7 +43,17 @@ LOSS_PARTS = ("masked_lm_loss", "masked_region_loss", "alignment_loss")
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Everything ``vilbert pretrain`` needs; ``trainer.output_dir`` is the step's output folder."""
+    """Everything ``vilbert pretrain`` needs; ``trainer.output_dir`` is the step's output folder.
+
+    The command line, params.yaml (sections ``model`` and ``pretrain``), the Kubeflow op and the PyTorchJob all
+    build it with :func:`components.config.load`: its fields are the only declaration of the step's settings."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "pretrain")
+    """The sections of params.yaml that ``--config params.yaml`` reads, in order."""
+    STEP_DEFAULTS: ClassVar[dict[str, Any]] = {"trainer": {"batch_size": 32, "checkpoint_every": 200}}
+    """Pretraining's own trainer defaults (over TrainerConfig's)."""
+    DEFAULT_EPOCHS: ClassVar[float] = 1.0
+    """Passes over the captions when neither ``trainer.epochs`` nor ``trainer.max_steps`` is set."""
 
     dataset: str
     """Dataset root written by ``ingest`` (local or s3://)."""
@@ -63,7 +74,7 @@ class PretrainConfig:
     """Tokenizer folder or ``minilm``; default: the text-init folder's tokenizer."""
     data: PretrainingDataConfig = field(default_factory=PretrainingDataConfig)
     """Which captions and how to mask them."""
-    max_regions: int = 37
+    max_regions: int = DEFAULT_MAX_REGIONS
     """Regions per image including the whole-image token (the paper: 36 + 1)."""
     nproc: int = 1
     """Processes on this machine (torchrun's elastic agent); ignored under an external torchrun."""
@@ -73,6 +84,11 @@ class PretrainConfig:
     """MLflow tracking."""
 
     def __post_init__(self) -> None:
+        if self.model_config_file is None:
+            from model.config import PRESETS
+
+            if self.preset not in PRESETS:
+                raise StepError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.nproc < 1:
             raise StepError(f"nproc must be >= 1, got {self.nproc}")
         if self.max_restarts < 0:

@@ -1,6 +1,7 @@
 """The pipeline's Kubeflow components.  Thin on purpose: each body imports the step function from ``components``
-and calls it with a config built from the component's parameters (one parameter per config field used), so
-the Kubeflow pipeline, ``dvc repro`` and the ``vilbert`` CLI run the same code.
+and calls it with a config built from the component's parameters (the training steps: one ``settings`` mapping,
+built by the same loader as ``vilbert pretrain --config``), so the Kubeflow pipeline, ``dvc repro`` and the
+``vilbert`` CLI run the same code.
 
 Bodies run inside the project image (``IMAGE``) on a cluster, or in this Python environment under
 ``kfp.local.SubprocessRunner``; they may only use names imported inside the function (KFP ships the source).
@@ -70,34 +71,28 @@ def pretrain_op(
     dataset: Input[Dataset],
     validation: Input[Dataset],
     features: Input[Dataset],
-    preset: str,
-    text_init: str,
-    epochs: float,
-    max_steps: int,
-    batch_size: int,
-    lr: float,
-    masked_pairs: str,
-    seed: int,
-    checkpoint_every: int,
-    nproc: int,
+    settings: str,
     launcher: str,
     experiment: str,
     pytorchjob_nodes: int,
     pytorchjob_gpus_per_node: int,
     model: Output[Model],
 ) -> None:
-    """Pretraining: torchrun inside this step (``local``) or a Training Operator PyTorchJob (``pytorchjob``)."""
+    """Pretraining: torchrun inside this step (``local``) or a Training Operator PyTorchJob (``pytorchjob``).
+    ``settings``: PretrainConfig fields as JSON (params.yaml's model + pretrain sections), built by the CLI's
+    loader."""
+    import json
+
     from pipelines.launchers import pretrain_in_step, pretrain_with_pytorchjob
 
-    options = dict(dataset=dataset.path, validation=validation.path, features=features.path, preset=preset,
-                   text_init=text_init, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                   masked_pairs=masked_pairs, checkpoint_every=checkpoint_every, nproc=nproc,
-                   experiment=experiment)  # fmt: skip
+    options = json.loads(settings)
     if launcher == "pytorchjob":
         uris = {"dataset": dataset.uri, "validation": validation.uri, "features": features.uri}
-        summary = pretrain_with_pytorchjob(options, uris, model.path, pytorchjob_nodes, pytorchjob_gpus_per_node)
+        summary = pretrain_with_pytorchjob(options, uris, model.path, pytorchjob_nodes, pytorchjob_gpus_per_node,
+                                           experiment)  # fmt: skip
     else:
-        summary = pretrain_in_step(options, model.path)
+        paths = {"dataset": dataset.path, "validation": validation.path, "features": features.path}
+        summary = pretrain_in_step(options, paths, model.path, experiment)
     model.metadata.update(summary)
 
 
@@ -109,51 +104,22 @@ def finetune_op(
     dataset: Input[Dataset],
     validation: Input[Dataset],
     features: Input[Dataset],
-    preset: str,
-    text_init: str,
-    epochs: float,
-    max_steps: int,
-    batch_size: int,
-    lr: float,
-    answer_min_count: int,
-    seed: int,
+    settings: str,
     experiment: str,
     model: Output[Model],
-    head_lr_mult: float = 1.0,
     blind: bool = False,
 ) -> None:
     """Fine-tune on one task from the pretrained model (``init="pretrained"``) or from scratch (``blind``: the
-    task's blind baseline, from scratch without the image)."""
-    from components.finetune import FinetuneConfig, run_finetune
-    from components.steps import TrackingOptions
-    from components.training.config import TrainerConfig
+    task's blind baseline, from scratch without the image).  ``settings``: FinetuneConfig fields as JSON
+    (params.yaml's model + finetune sections), built by the CLI's loader."""
+    import json
 
-    result = run_finetune(
-        FinetuneConfig(
-            task=task,
-            dataset=dataset.path,
-            validation=validation.path,
-            features=features.path,
-            init=init,
-            pretrained=pretrained.path,
-            preset=preset,
-            text_init=text_init,
-            answer_min_count=answer_min_count,
-            head_lr_mult=head_lr_mult,
-            blind=blind,
-            trainer=TrainerConfig(
-                output_dir=model.path,
-                epochs=epochs or None,
-                max_steps=max_steps or None,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                progress=False,
-                keep_checkpoints=False,
-            ),
-            tracking=TrackingOptions(experiment=experiment),
-        )  # fmt: skip
-    )
+    from components.finetune import run_finetune
+    from pipelines.launchers import finetune_config
+
+    paths = {"dataset": dataset.path, "validation": validation.path, "features": features.path,
+             "pretrained": pretrained.path}  # fmt: skip
+    result = run_finetune(finetune_config(json.loads(settings), paths, task, init, blind, model.path, experiment))
     model.metadata.update({"task": task, "init": init, "blind": blind, "steps": result.steps, "loss": result.final_loss,
                            "mlflow_run": result.tracking_run_id or ""})  # fmt: skip
 

@@ -9,8 +9,8 @@ Run it here with ``kfp.local``, compile it to IR YAML, or submit it to a KFP end
     python pipelines/full.py compile -o pipelines/full.yaml
     python pipelines/full.py submit --host https://kfp.example.com
 
-Every pipeline parameter maps onto one step-config field (see ``PipelineParams``); they are checked before
-anything runs.  The same steps are the stages of dvc.yaml.
+The parameters' defaults come from params.yaml, as dvc.yaml's do; ``pretrain`` and ``finetune`` are the step
+configs' settings (see ``PipelineParams``).  They are checked before anything runs.  The same steps are the stages of dvc.yaml.
 """
 
 import json
@@ -54,81 +54,87 @@ class PipelineParamError(ValueError):
     """A pipeline parameter is invalid; raised before any step runs."""
 
 
+#: params.yaml: the defaults of the pipeline's parameters are the DVC pipeline's (one file for both engines).
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+def _params_file() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(PARAMS_FILE.read_text()) or {}
+
+
+PARAMS = _params_file()
+
+
+def step_settings(step: str) -> dict[str, Any]:
+    """A training step's settings in params.yaml: its sections (``model`` then ``pretrain`` / ``finetune``) merged,
+    as ``vilbert pretrain --config params.yaml`` reads them."""
+    from components.config import merge_all
+    from components.finetune import FinetuneConfig
+    from components.pretrain import PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[step]
+    return merge_all(PARAMS.get(name, {}) for name in cls.SECTIONS)
+
+
+def settings_json(settings: dict[str, Any]) -> str:
+    """A training step's settings as the pipeline passes them: one JSON document (keys sorted, so the compiled
+    YAML is stable), parsed and checked by the step config inside the op."""
+    return json.dumps(settings, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class PipelineParams:
-    """The pipeline's parameters (names and defaults as in the compiled pipeline), checked as a whole."""
+    """The pipeline's parameters (names and defaults as in the compiled pipeline), checked as a whole.
 
-    source: str = "synthetic://shapes?seed=0&n=600&size=96&captions_per_image=4"
+    ``pretrain`` and ``finetune`` are the step configs' settings (nested mappings of PretrainConfig /
+    FinetuneConfig fields, e.g. ``{"trainer": {"lr": 2e-4}}``); each op builds its config from them with the same
+    loader as the command line, and ``check`` builds them here first.  Set one field with a dotted name:
+    ``-p pretrain.trainer.max_steps=2``."""
+
+    source: str = PARAMS["data"]["source"]
     """ingest: the data source (synthetic://, a folder, s3://, cc://, coco://)."""
     data_version: str = ""
     """ingest: the data's identity (DVC hash / S3 ETag); the cache key of ingest.  Empty: derived from source."""
-    features_backend: str = "demo"
+    features_backend: str = PARAMS["features"]["backend"]
     """features: demo or detector."""
-    demo_epochs: int = 10
+    demo_epochs: int = PARAMS["features"]["demo_epochs"]
     """features: demo detector training epochs."""
-    demo_train_images: int = 400
+    demo_train_images: int = PARAMS["features"]["demo_train_images"]
     """features: demo detector training images."""
-    preset: str = "demo"
-    """pretrain / finetune (scratch): model preset."""
-    text_init: str = "minilm"
-    """pretrain / finetune (scratch): text-stream BERT weights."""
-    pretrain_epochs: float = 1.0
-    """pretrain: passes over the captions."""
-    pretrain_max_steps: int = 0
-    """pretrain: step limit (0: none)."""
-    pretrain_batch_size: int = 32
-    """pretrain: examples per process and step."""
-    pretrain_lr: float = 2e-4
-    """pretrain: peak learning rate."""
-    pretrain_masked_pairs: str = "matched"
-    """pretrain: pairs whose masked words and regions are predicted (all: the original; matched)."""
-    checkpoint_every: int = 40
-    """pretrain: checkpoint interval in steps."""
-    nproc: int = 1
-    """pretrain (local launcher): processes."""
+    pretrain: dict[str, Any] = field(default_factory=lambda: step_settings("pretrain"))
+    """pretrain: PretrainConfig settings (params.yaml's model + pretrain sections)."""
     launcher: str = "local"
-    """pretrain: local (torchrun in the step) or pytorchjob (Training Operator)."""
+    """pretrain: local (torchrun in the step; ``pretrain.nproc`` processes) or pytorchjob (Training Operator)."""
     pytorchjob_nodes: int = 1
     """pretrain (pytorchjob): nodes."""
     pytorchjob_gpus_per_node: int = 1
     """pretrain (pytorchjob): GPUs (= processes) per node."""
-    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    tasks: list[str] = field(default_factory=lambda: list(PARAMS["matrix"]["tasks"]))
     """finetune / evaluate: the tasks (ParallelFor)."""
-    finetune_epochs: float = 2.0
-    """finetune: passes over each task's training split."""
-    finetune_max_steps: int = 25
-    """finetune: step limit (0: none)."""
-    finetune_batch_size: int = 16
-    """finetune: examples per step."""
-    finetune_lr: float = 1e-4
-    """finetune: peak learning rate."""
-    finetune_head_lr_mult: float = 30.0
-    """finetune: the task head's learning rate is finetune_lr times this (the trunk's is finetune_lr)."""
-    answer_min_count: int = 9
-    """finetune (VQA): answer vocabulary threshold."""
-    seed: int = 0
-    """pretrain / finetune: seed."""
-    eval_split: str = "test"
+    finetune: dict[str, Any] = field(default_factory=lambda: step_settings("finetune"))
+    """finetune: FinetuneConfig settings (params.yaml's model + finetune sections); the task and init are the
+    pipeline's."""
+    eval_split: str = PARAMS["evaluate"]["split"]
     """evaluate: split."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = PARAMS["evaluate"]["batch_size"]
     """evaluate: pairs per batch."""
-    eval_max_examples: int = 300
+    eval_max_examples: int = PARAMS["evaluate"]["max_examples"]
     """evaluate: questions / expressions / query captions at most (0: all; retrieval ranks the whole gallery)."""
-    experiment: str = "vilbert"
+    experiment: str = PARAMS["tracking"]["experiment"]
     """MLflow experiment of every step."""
 
     def check(self) -> None:
-        """Raise :class:`PipelineParamError` listing every invalid value (the step configs' own checks, run
-        on placeholder paths, so they cannot drift from what the steps accept)."""
-        from model.config import PRESETS
+        """Raise :class:`PipelineParamError` listing every invalid value; the training settings are built into
+        their step configs (on placeholder paths), so they cannot drift from what the steps accept."""
+        from components.config import ConfigError
 
         errors = []
         if not self.source.strip():
             errors.append("source is empty")
         if self.features_backend not in ("demo", "detector"):
             errors.append(f"features_backend must be demo or detector, got {self.features_backend!r}")
-        if self.preset not in PRESETS:
-            errors.append(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.launcher not in ("local", "pytorchjob"):
             errors.append(f"launcher must be local or pytorchjob, got {self.launcher!r}")
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
@@ -136,22 +142,37 @@ class PipelineParams:
             errors.append(f"tasks must be distinct names from {list(TASK_NAMES)}, got {self.tasks}")
         if self.eval_split not in ("val", "test"):
             errors.append(f"eval_split must be val or test, got {self.eval_split!r}")
-        for name in ("demo_epochs", "demo_train_images", "pretrain_batch_size", "checkpoint_every", "nproc",
-                     "pytorchjob_nodes", "finetune_batch_size", "answer_min_count", "eval_batch_size"):  # fmt: skip
+        for name in ("demo_epochs", "demo_train_images", "pytorchjob_nodes", "eval_batch_size"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pretrain", "finetune"):
-            epochs, steps = getattr(self, f"{name}_epochs"), getattr(self, f"{name}_max_steps")
-            if epochs < 0 or steps < 0 or (epochs == 0 and steps == 0):
-                errors.append(f"{name}: set {name}_epochs > 0 and/or {name}_max_steps > 0")
-            if not getattr(self, f"{name}_lr") > 0:
-                errors.append(f"{name}_lr must be positive")
-        if not self.finetune_head_lr_mult > 0:
-            errors.append("finetune_head_lr_mult must be positive")
-        if self.seed < 0 or self.pytorchjob_gpus_per_node < 0 or self.eval_max_examples < 0:
-            errors.append("seed, pytorchjob_gpus_per_node and eval_max_examples must be >= 0")
+        if self.pytorchjob_gpus_per_node < 0 or self.eval_max_examples < 0:
+            errors.append("pytorchjob_gpus_per_node and eval_max_examples must be >= 0")
+        try:
+            self.pretrain_config("/placeholder/pretrain")
+        except ConfigError as err:
+            errors.append(f"pretrain: {err}")
+        for task in self.tasks if not unknown else ():
+            try:
+                self.finetune_config(task, "scratch", "/placeholder/finetune")
+            except ConfigError as err:
+                errors.append(f"finetune ({task}): {err}")
+                break
         if errors:
             raise PipelineParamError("invalid pipeline parameters: " + "; ".join(errors))
+
+    def pretrain_config(self, output: str) -> Any:
+        from pipelines.launchers import pretrain_config
+
+        paths = {"dataset": "/placeholder/dataset", "validation": "/placeholder/validation",
+                 "features": "/placeholder/features"}  # fmt: skip
+        return pretrain_config(self.pretrain, paths, output, self.experiment)
+
+    def finetune_config(self, task: str, init: str, output: str) -> Any:
+        from pipelines.launchers import finetune_config
+
+        paths = {"dataset": "/placeholder/dataset", "validation": "/placeholder/validation",
+                 "features": "/placeholder/features", "pretrained": "/placeholder/pretrain"}  # fmt: skip
+        return finetune_config(self.finetune, paths, task, init, False, output, self.experiment)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> "PipelineParams":
@@ -163,6 +184,9 @@ class PipelineParams:
         for name, value in values.items():  # KFP checks types exactly: 2 is not a float parameter, 2.0 is
             if types[name] in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
                 values[name] = float(value)
+        for name in ("pretrain", "finetune"):  # a params file may give them as JSON text, as KFP does
+            if isinstance(values.get(name), str):
+                values[name] = json.loads(values[name])
         params = cls(**values)
         params.check()
         return params
@@ -171,6 +195,7 @@ class PipelineParams:
         """The pipeline call's arguments (with data_version filled in)."""
         values = asdict(self)
         values["data_version"] = self.data_version or data_version(self.source)
+        values["pretrain"], values["finetune"] = settings_json(self.pretrain), settings_json(self.finetune)
         return values
 
 
@@ -224,26 +249,12 @@ def full_pipeline(
     features_backend: str = PipelineParams.features_backend,
     demo_epochs: int = PipelineParams.demo_epochs,
     demo_train_images: int = PipelineParams.demo_train_images,
-    preset: str = PipelineParams.preset,
-    text_init: str = PipelineParams.text_init,
-    pretrain_epochs: float = PipelineParams.pretrain_epochs,
-    pretrain_max_steps: int = PipelineParams.pretrain_max_steps,
-    pretrain_batch_size: int = PipelineParams.pretrain_batch_size,
-    pretrain_lr: float = PipelineParams.pretrain_lr,
-    pretrain_masked_pairs: str = PipelineParams.pretrain_masked_pairs,
-    checkpoint_every: int = PipelineParams.checkpoint_every,
-    nproc: int = PipelineParams.nproc,
+    pretrain: str = settings_json(step_settings("pretrain")),
     launcher: str = PipelineParams.launcher,
     pytorchjob_nodes: int = PipelineParams.pytorchjob_nodes,
     pytorchjob_gpus_per_node: int = PipelineParams.pytorchjob_gpus_per_node,
-    tasks: list = list(TASK_NAMES),  # noqa: B006 - KFP reads the default from the signature
-    finetune_epochs: float = PipelineParams.finetune_epochs,
-    finetune_max_steps: int = PipelineParams.finetune_max_steps,
-    finetune_batch_size: int = PipelineParams.finetune_batch_size,
-    finetune_lr: float = PipelineParams.finetune_lr,
-    finetune_head_lr_mult: float = PipelineParams.finetune_head_lr_mult,
-    answer_min_count: int = PipelineParams.answer_min_count,
-    seed: int = PipelineParams.seed,
+    tasks: list = list(PARAMS["matrix"]["tasks"]),  # noqa: B006, B008 - KFP reads the default from the signature
+    finetune: str = settings_json(step_settings("finetune")),
     eval_split: str = PipelineParams.eval_split,
     eval_batch_size: int = PipelineParams.eval_batch_size,
     eval_max_examples: int = PipelineParams.eval_max_examples,
@@ -258,21 +269,16 @@ def full_pipeline(
     features.after(validate)
     features.set_retry(num_retries=2, backoff_duration="60s")
     store = features.outputs["features"]
-    pretrain = _platform(
-        pretrain_op(dataset=dataset, validation=validation, features=store, preset=preset, text_init=text_init,
-                    epochs=pretrain_epochs, max_steps=pretrain_max_steps, batch_size=pretrain_batch_size,
-                    lr=pretrain_lr, masked_pairs=pretrain_masked_pairs, seed=seed, checkpoint_every=checkpoint_every,
-                    nproc=nproc, launcher=launcher, experiment=experiment, pytorchjob_nodes=pytorchjob_nodes,
+    pretrain_task = _platform(
+        pretrain_op(dataset=dataset, validation=validation, features=store, settings=pretrain, launcher=launcher,
+                    experiment=experiment, pytorchjob_nodes=pytorchjob_nodes,
                     pytorchjob_gpus_per_node=pytorchjob_gpus_per_node),
         gpu=True, shm=True,
     )  # fmt: skip
-    pretrain.set_retry(num_retries=2, backoff_duration="60s")  # a restarted step resumes from its checkpoints
-    kubernetes.mount_pvc(pretrain, pvc_name="vilbert-checkpoints", mount_path="/data/checkpoints")
-    pretrained = pretrain.outputs["model"]
-    common = dict(dataset=dataset, validation=validation, features=store, preset=preset, text_init=text_init,
-                  epochs=finetune_epochs, max_steps=finetune_max_steps, batch_size=finetune_batch_size,
-                  lr=finetune_lr, head_lr_mult=finetune_head_lr_mult, answer_min_count=answer_min_count, seed=seed,
-                  experiment=experiment)  # fmt: skip
+    pretrain_task.set_retry(num_retries=2, backoff_duration="60s")  # a restarted step resumes from its checkpoints
+    kubernetes.mount_pvc(pretrain_task, pvc_name="vilbert-checkpoints", mount_path="/data/checkpoints")
+    pretrained = pretrain_task.outputs["model"]
+    common = dict(dataset=dataset, validation=validation, features=store, settings=finetune, experiment=experiment)
     evaluation = dict(dataset=dataset, validation=validation, features=store, split=eval_split,
                       batch_size=eval_batch_size, max_examples=eval_max_examples, experiment=experiment)  # fmt: skip
     with dsl.ParallelFor(tasks, name="tasks-pretrained") as task:
@@ -302,25 +308,47 @@ cli = typer.Typer(help="The full ViLBERT pipeline on Kubeflow Pipelines: run loc
                   no_args_is_help=True, pretty_exceptions_show_locals=False)  # fmt: skip
 ParamOption = Annotated[
     list[str] | None,
-    typer.Option("--param", "-p", help="A pipeline parameter as name=value (JSON values; repeat). See PipelineParams."),
+    typer.Option(
+        "--param",
+        "-p",
+        help="A pipeline parameter as name=value (JSON values; repeat), or one training setting as "
+        "pretrain.KEY=value / finetune.KEY=value (e.g. pretrain.trainer.lr=3e-4).",
+    ),
 ]
 
 
 def parse_params(pairs: list[str] | None, params_file: str | None = None) -> "PipelineParams":
-    """PipelineParams from a JSON/YAML file and name=value pairs (values parsed as JSON, else kept as text)."""
+    """PipelineParams from a JSON/YAML file and name=value pairs.  A dotted name sets one field of a training
+    step's settings, read as that field's type (``pretrain.trainer.lr=3e-4``); other values are parsed as JSON,
+    else kept as text."""
+    from components.config import ConfigError, assignments, deep_merge
+    from components.finetune import FinetuneConfig
+    from components.pretrain import PretrainConfig
+
     values: dict[str, Any] = {}
     if params_file:
         import yaml
 
         values.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    steps = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
     for pair in pairs or []:
         name, sep, raw = pair.partition("=")
+        name = name.strip()
         if not sep:
             raise PipelineParamError(f"--param wants name=value, got {pair!r}")
+        step, dot, key = name.partition(".")
+        if dot and step in steps:
+            try:
+                update = assignments(steps[step], [f"{key}={raw}"])
+            except ConfigError as err:
+                raise PipelineParamError(f"{step}: {err}") from None
+            base = values.get(step, getattr(PipelineParams(), step))
+            values[step] = deep_merge(base, update)
+            continue
         try:
-            values[name.strip()] = json.loads(raw)
+            values[name] = json.loads(raw)
         except json.JSONDecodeError:
-            values[name.strip()] = raw
+            values[name] = raw
     return PipelineParams.from_mapping(values)
 
 

@@ -21,41 +21,35 @@ SHARED_CHECKPOINTS = "/data/checkpoints"
 PUBLISHED = ("final", "step.json", "result.json")
 
 
-def _pretrain_config(options: dict[str, Any], output: str) -> Any:
-    """The step's PretrainConfig; checkpoints are dropped once final/ is written (the artifact is the model)."""
-    from components.data.pretraining import PretrainingDataConfig
+def _step_layer(paths: dict[str, str], output: str, experiment: str) -> dict[str, Any]:
+    """What the pipeline itself decides for a training step: its input and output paths, no progress bar, and
+    the pipeline's MLflow experiment (over the settings' own)."""
+    return {**paths, "trainer": {"output_dir": output, "progress": False}, "tracking": {"experiment": experiment}}
+
+
+def pretrain_config(settings: dict[str, Any], paths: dict[str, str], output: str, experiment: str) -> Any:
+    """The step's PretrainConfig: ``settings`` (PretrainConfig fields) under the pipeline's paths."""
+    from components.config import load
     from components.pretrain import PretrainConfig
-    from components.steps import TrackingOptions
-    from components.training.config import TrainerConfig
 
-    return PretrainConfig(
-        dataset=options["dataset"],
-        validation=options["validation"],
-        features=options["features"],
-        preset=options["preset"],
-        text_init=options["text_init"],
-        data=PretrainingDataConfig(seed=options["seed"], masked_pairs=options["masked_pairs"]),
-        nproc=options["nproc"],
-        trainer=TrainerConfig(
-            output_dir=Path(output),
-            epochs=options["epochs"] or None,
-            max_steps=options["max_steps"] or None,
-            batch_size=options["batch_size"],
-            lr=options["lr"],
-            seed=options["seed"],
-            checkpoint_every=options["checkpoint_every"],
-            progress=False,
-            keep_checkpoints=False,
-        ),  # fmt: skip
-        tracking=TrackingOptions(experiment=options["experiment"]),
-    )
+    return load(PretrainConfig, settings, _step_layer(paths, output, experiment))
 
 
-def pretrain_in_step(options: dict[str, Any], output: str) -> dict[str, Any]:
-    """Pretrain in this step's container; checkpoints are dropped once ``final/`` is written."""
+def finetune_config(settings: dict[str, Any], paths: dict[str, str], task: str, init: str, blind: bool, output: str,
+                    experiment: str) -> Any:  # fmt: skip
+    """The step's FinetuneConfig: ``settings`` (FinetuneConfig fields) under the pipeline's task, init and paths."""
+    from components.config import load
+    from components.finetune import FinetuneConfig
+
+    layer = _step_layer(paths, output, experiment)
+    return load(FinetuneConfig, settings, {**layer, "task": task, "init": init, "blind": blind})
+
+
+def pretrain_in_step(settings: dict[str, Any], paths: dict[str, str], output: str, experiment: str) -> dict[str, Any]:
+    """Pretrain in this step's container (``settings["nproc"]`` processes under torchrun's elastic agent)."""
     from components.pretrain import run_pretrain
 
-    result = run_pretrain(_pretrain_config(options, output))
+    result = run_pretrain(pretrain_config(settings, paths, output, experiment))
     return {"steps": result.steps, "loss": result.final_loss, "mlflow_run": result.tracking_run_id or ""}
 
 
@@ -69,42 +63,40 @@ def object_uri(uri: str) -> str:
     raise ValueError(f"the pytorchjob launcher needs artifacts in S3/MinIO, got {uri!r} (set the pipeline root)")
 
 
-def pretrain_command(options: dict[str, Any], uris: dict[str, str], output: str, procs: int) -> list[str]:
-    """``vilbert pretrain`` as the PyTorchJob's workers run it (under the operator's torchrun)."""
-    return [
-        "vilbert", "pretrain",
-        "--dataset", object_uri(uris["dataset"]),
-        "--validation", object_uri(uris["validation"]),
-        "--features", object_uri(uris["features"]),
-        "--output", output,
-        "--preset", options["preset"],
-        "--text-init", options["text_init"],
-        "--epochs", str(options["epochs"]),
-        *(["--max-steps", str(options["max_steps"])] if options["max_steps"] else []),
-        "--batch-size", str(options["batch_size"]),
-        "--lr", str(options["lr"]),
-        "--masked-pairs", options["masked_pairs"],
-        "--seed", str(options["seed"]),
-        "--checkpoint-every", str(options["checkpoint_every"]),
-        "--nproc", str(procs),
-        "--experiment", options["experiment"],
-        "--no-progress",
-    ]  # fmt: skip
+CONFIG_FILE = "config.json"
+
+
+def job_config(settings: dict[str, Any], uris: dict[str, str], output: str, procs: int, experiment: str) -> Any:
+    """The PretrainConfig the PyTorchJob's workers run: the step's settings, reading the inputs from object
+    storage and writing to the shared volume, ``procs`` processes per node."""
+    paths = {name: object_uri(uri) for name, uri in uris.items()}
+    return pretrain_config({**settings, "nproc": procs}, paths, output, experiment)
+
+
+def pretrain_command(config_file: str) -> list[str]:
+    """``vilbert pretrain`` as the PyTorchJob's workers run it (under the operator's torchrun): everything is in
+    the config file the step wrote, checked by the same dataclass."""
+    return ["vilbert", "pretrain", "--config", config_file]
 
 
 def pretrain_with_pytorchjob(
-    options: dict[str, Any], uris: dict[str, str], output: str, nodes: int, gpus_per_node: int
+    settings: dict[str, Any], uris: dict[str, str], output: str, nodes: int, gpus_per_node: int, experiment: str
 ) -> dict[str, Any]:
     """Run pretraining as a PyTorchJob and publish its result into ``output``; raises when the job fails."""
+    from components.config import dumps
     from components.kube.pytorchjob import fetch_template, run_pytorchjob
     from components.kube.pytorchjob_manifest import spec_from_template
 
     run = os.environ.get("KFP_RUN_ID") or uuid.uuid4().hex[:12]
     shared = f"{SHARED_CHECKPOINTS}/{run}/pretrain"
     procs = max(gpus_per_node, 1)
+    config = job_config(settings, uris, shared, procs, experiment)  # checked here, before any pod starts
+    Path(shared).mkdir(parents=True, exist_ok=True)
+    config_file = Path(shared) / CONFIG_FILE
+    config_file.write_text(dumps(config))
     # the cluster's suspended template (infra/ overlays) gives node selectors, tolerations, volumes and sizes
     template = fetch_template()
-    overrides: dict[str, Any] = {"command": tuple(pretrain_command(options, uris, shared, procs)), "nodes": nodes,
+    overrides: dict[str, Any] = {"command": tuple(pretrain_command(str(config_file))), "nodes": nodes,
                                  "gpus_per_node": gpus_per_node, "procs_per_node": procs}  # fmt: skip
     if os.environ.get("VILBERT_TRAINING_IMAGE"):
         overrides["image"] = os.environ["VILBERT_TRAINING_IMAGE"]

@@ -22,13 +22,13 @@ TINY = [
     "source=synthetic://shapes?seed=0&n=40&size=64",
     "demo_epochs=1",
     "demo_train_images=20",
-    "pretrain_epochs=0",
-    "pretrain_max_steps=2",
-    "pretrain_batch_size=4",
-    "finetune_epochs=0",
-    "finetune_max_steps=2",
-    "finetune_batch_size=4",
-    "answer_min_count=1",
+    "pretrain.trainer.epochs=null",
+    "pretrain.trainer.max_steps=2",
+    "pretrain.trainer.batch_size=4",
+    "finetune.trainer.epochs=null",
+    "finetune.trainer.max_steps=2",
+    "finetune.trainer.batch_size=4",
+    "finetune.answer_min_count=1",
     'tasks=["vqa"]',
     "eval_batch_size=16",
     "eval_max_examples=20",
@@ -72,10 +72,12 @@ def test_kfp_cli_compiles_the_same_yaml(tmp_path: Path) -> None:
     [
         (['tasks=["vqa","nlvr2"]'], "tasks must be distinct names"),
         (["launcher=slurm"], "launcher must be local or pytorchjob"),
-        (["pretrain_epochs=0", "pretrain_max_steps=0"], "pretrain: set pretrain_epochs"),
-        (["preset=huge"], "preset must be one of"),
+        (["pretrain.trainer.epochs=null", "pretrain.trainer.max_steps=null"], "set max_steps and/or epochs"),
+        (["pretrain.preset=huge"], "unknown preset"),
         (["no_such=1"], "unknown pipeline parameters"),
-        (["finetune_lr=-1"], "finetune_lr must be positive"),
+        (["finetune.trainer.lr=-1"], r"finetune \(vqa\): .*lr must be positive"),
+        (["finetune.trainer.lrr=1"], "finetune: unknown key trainer.lrr"),
+        (["pretrain.trainer.lr=fast"], "not a valid float"),
         (["eval_batch_size"], "name=value"),
     ],
 )
@@ -92,8 +94,9 @@ def test_invalid_parameters_exit_before_running(tmp_path: Path) -> None:
 
 
 def test_parameters_coerce_numbers_for_kfp() -> None:
-    params = parse_params(["pretrain_epochs=1", 'tasks=["vqa"]'])
-    assert isinstance(params.pretrain_epochs, float) and params.tasks == ["vqa"]
+    params = parse_params(["pretrain.trainer.epochs=1", 'tasks=["vqa"]', "finetune.head_lr_mult=3"])
+    assert params.pretrain["trainer"]["epochs"] == 1.0 and params.tasks == ["vqa"]
+    assert params.pretrain_config("/x").trainer.epochs == 1.0 and params.finetune["head_lr_mult"] == 3.0
     assert params.arguments()["data_version"] == "uri:" + params.source
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from components.data import DEFAULT_MAX_REGIONS
 from components.data.common import DataError
 from components.features.store import FeatureStore, RegionFeatures
 from model.config import ViLBertConfig
 from model.embeddings import normalized_boxes, with_image_token
 
-DEFAULT_MAX_REGIONS = 37  # the paper: 36 detected regions + the whole-image token
 BLIND_MODES = ("image", "position")
 """What a blind baseline keeps of an image (:func:`blind_inputs`)."""
 

@@ -57,14 +57,14 @@ def test_one_task_list():
 
     assert TASK_NAMES == tuple(TASKS) == ("vqa", "vcr", "refcoco+", "retrieval")
     assert all(name == spec.name for name, spec in TASKS.items())
-    assert PipelineParams().tasks == list(TASK_NAMES)
     compiled = next(yaml.safe_load_all((ROOT / "pipelines" / "full.yaml").read_text()))
     assert compiled["root"]["inputDefinitions"]["parameters"]["tasks"]["defaultValue"] == list(TASK_NAMES)
     for derived in (HEADLINE, MODEL_NAMES, OUTPUT_COLUMNS):
         assert tuple(derived) == TASK_NAMES
     # params.yaml is user configuration: it may choose tasks, but only registered ones
-    configured = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["tasks"]
+    configured = yaml.safe_load((ROOT / "params.yaml").read_text())["matrix"]["tasks"]
     assert configured and set(configured) <= set(TASK_NAMES)
+    assert PipelineParams().tasks == configured  # the Kubeflow default is params.yaml's
     assert TASKS[ZERO_SHOT_TASK].zero_shot and TASKS[ZERO_SHOT_TASK].gallery
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from components.data.common import EmptySplitError, MissingFeaturesError
-from components.data.pretraining import PretrainingDataConfig
+from components.data.pretraining_config import PretrainingDataConfig
 from components.features import FeatureSpec, FeatureSpecMismatch
 from components.finetune import FinetuneConfig, run_finetune
 from components.pretrain import PretrainConfig, run_pretrain
