@@ -314,7 +314,13 @@ def assignments(cls: type, pairs: Iterable[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set wants key=value with a dotted key (e.g. trainer.lr=3e-4), got {pair!r}")
-        out = deep_merge(out, nested(key, parse_text(field_type(cls, key), text, key)))
+        field_key = key
+        variants = getattr(cls, "VARIANTS", None)
+        if variants is not None and key.startswith(variants[0] + "."):  # by_task.vqa.trainer.lr: trainer.lr's type
+            field_key = key.split(".", 2)[2] if key.count(".") >= 2 else ""
+            if not field_key:
+                raise ConfigError(f"{key}: name a field after {variants[0]}.<{variants[1]}>, e.g. trainer.lr")
+        out = deep_merge(out, nested(key, parse_text(field_type(cls, field_key), text, key)))
     return out
 
 
@@ -354,9 +360,35 @@ def dumps(config: Any) -> str:
 def load(cls: type[T], *layers: Mapping[str, Any]) -> T:
     """The step config ``cls`` from ``layers`` (lowest first) over its ``STEP_DEFAULTS``.
 
+    A step with ``VARIANTS = (key, field)`` (fine-tuning: ``("by_task", "task")``) lets each layer carry
+    settings for one value of the field: ``{"trainer": {"max_steps": 300}, "by_task": {"vqa": {"trainer":
+    {"max_steps": 600}}}}`` gives VQA 600 steps and every other task 300.  They apply inside their own layer, so a
+    later layer (``--set``, an option) still overrides them.
+
     A trainer given neither ``epochs`` nor ``max_steps`` trains for the step's ``DEFAULT_EPOCHS``; one given
     ``max_steps`` alone stops only at the step limit (the two together: whichever comes first)."""
-    merged = merge_all([getattr(cls, "STEP_DEFAULTS", {}), *layers])
+    stack = [getattr(cls, "STEP_DEFAULTS", {}), *layers]
+    variants = getattr(cls, "VARIANTS", None)
+    if variants is not None:
+        key, by = variants
+        value = merge_all(stack).get(by)
+        known = cls.variant_values() if hasattr(cls, "variant_values") else None
+        resolved = []
+        for layer in stack:
+            layer = dict(layer)
+            table = layer.pop(key, None) or {}
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{key} must map each {by} to its settings, got {table!r}")
+            unknown = sorted(set(table) - set(known)) if known is not None else []
+            if unknown:
+                raise ConfigError(f"{key} names unknown {by} {', '.join(map(str, unknown))} (known: "
+                                  f"{', '.join(map(str, known))})")  # fmt: skip
+            chosen = table.get(value, {})
+            if not isinstance(chosen, Mapping):
+                raise ConfigError(f"{key}.{value} must be a mapping of settings, got {chosen!r}")
+            resolved.append(deep_merge(layer, chosen))
+        stack = resolved
+    merged = merge_all(stack)
     trainer = merged.get("trainer")
     default_epochs = getattr(cls, "DEFAULT_EPOCHS", None)
     if isinstance(trainer, Mapping) and default_epochs is not None and "epochs" not in trainer:
