@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--neighbours", type=int, default=29_000, help="texts for the hard-negative build")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     a = p.parse_args(argv)
-    from components.ingest import IngestConfig, run_ingest
+    from components.steps.ingest import IngestConfig, run_ingest
 
     config = preset("paper-base")
     started, load0 = time.monotonic(), os.getloadavg()[0]

@@ -33,9 +33,9 @@ from _results import update_section  # noqa: E402  (benchmarks/ is on sys.path w
 
 from components.features.backends import BACKENDS, BoxLimits, DemoOptions, DetectorOptions, decode_rgb
 from components.features.backends.base import PrepareContext
-from components.features.extract import FeaturesConfig, run_features
-from components.ingest import IngestConfig, run_ingest
 from components.sources.synthetic import SyntheticConfig, generate_image
+from components.steps.features import FeaturesConfig, run_features
+from components.steps.ingest import IngestConfig, run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "extraction"

@@ -1,7 +1,7 @@
 """Ingest throughput (images/s): a local folder vs loopback S3 (moto) on the same images.
 
 Makes N photo-sized JPEGs (640x480, the COCO size; gradients + noise so they compress like photos) with a
-``captions.csv``, then times :func:`components.ingest.run_ingest` end to end (source listing, reading,
+``captions.csv``, then times :func:`components.steps.ingest.run_ingest` end to end (source listing, reading,
 sha256, full Pillow decode, writing images and the Parquet files) in four settings, each a first run into
 an empty output and a re-run (unchanged images are skipped):
 
@@ -35,7 +35,7 @@ from _results import update_section  # noqa: E402  (benchmarks/ is on sys.path w
 from PIL import Image
 
 from components import storage
-from components.ingest import IngestConfig, run_ingest
+from components.steps.ingest import IngestConfig, run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"

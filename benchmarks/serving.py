@@ -51,9 +51,9 @@ def build_model(work: Path) -> tuple[Path, Path, str]:
     """A demo-preset VQA fine-tuning output (MiniLM text stream, random rest), its evaluation folder, the dataset."""
     from components.data.tasks import AnswerVocab, TaskFiles
     from components.features.backends import DemoOptions
-    from components.features.extract import FeaturesConfig, run_features
     from components.features.store import read_spec
-    from components.ingest import IngestConfig, run_ingest
+    from components.steps.features import FeaturesConfig, run_features
+    from components.steps.ingest import IngestConfig, run_ingest
     from model import ViLBertForTasks, preset
     from model.checkpoint import load_bert_text_stream, save_checkpoint
     from model.tokenizer import load_tokenizer, minilm_dir
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    from components.registry import RegisterConfig, promote, register_model
+    from components.registry.rules import promote
     from components.sources.synthetic import SyntheticConfig, generate_image
+    from components.steps.register import RegisterConfig, register_model
 
     if a.model is None:
         print("[serving] building the demo VQA model", file=sys.stderr)

@@ -63,7 +63,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed for the weights that are not from MiniLM and the batch.")] = 0,
 ) -> None:
     """Build the demo model from the bundled MiniLM BERT and run a few pretraining steps."""
-    from components.model_demo import run_demo
+    from components.bench.demo import run_demo
 
     run_demo(steps=steps, seed=seed, log=console.print)
 

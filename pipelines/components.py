@@ -24,7 +24,7 @@ def _component(image: str = IMAGE):
 def ingest_op(source: str, data_version: str, dataset: Output[Dataset]) -> None:
     """Ingest ``source`` into a dataset root.  ``data_version`` (DVC hash / S3 ETag / the synthetic URI) is the
     cache key of this step: the same source with new data gets a new key."""
-    from components.ingest import IngestConfig, run_ingest
+    from components.steps.ingest import IngestConfig, run_ingest
 
     result = run_ingest(IngestConfig(source=source, output=dataset.path, progress=False, workers=4))
     dataset.metadata.update({"source": source, "data_version": data_version, "images": result.images.stored,
@@ -37,7 +37,7 @@ def validate_op(dataset: Input[Dataset], validation: Output[Dataset], report: Ou
     import shutil
     from pathlib import Path
 
-    from components.validate import ValidateConfig, run_validate
+    from components.steps.validate import ValidateConfig, run_validate
 
     result = run_validate(ValidateConfig(dataset=dataset.path, output=validation.path))
     summary = Path(validation.path) / "summary.md"
@@ -57,7 +57,7 @@ def features_op(dataset: Input[Dataset], backend: str, demo_epochs: int, demo_tr
     from dataclasses import replace
 
     from components.features.backends.demo import DemoOptions
-    from components.features.extract import FeaturesConfig, run_features
+    from components.steps.features import FeaturesConfig, run_features
 
     demo = replace(DemoOptions(), epochs=demo_epochs, train_images=demo_train_images)
     result = run_features(
@@ -114,7 +114,7 @@ def finetune_op(
     (params.yaml's model + finetune sections), built by the CLI's loader."""
     import json
 
-    from components.finetune import run_finetune
+    from components.steps.finetune import run_finetune
     from pipelines.launchers import finetune_config
 
     paths = {"dataset": dataset.path, "validation": validation.path, "features": features.path,
@@ -141,8 +141,8 @@ def evaluate_op(
 ) -> None:
     """The task's official metrics, per-example predictions and pictures of a fine-tuned (or, zero-shot, the
     pretrained) model on ``split``."""
-    from components.evaluate import EvaluateConfig, run_evaluate
     from components.evaluation import mlflow_metric_name
+    from components.steps.evaluate import EvaluateConfig, run_evaluate
     from pipelines.launchers import pictures_page
 
     result = run_evaluate(
@@ -182,8 +182,8 @@ def table_op(
     import tempfile
     from pathlib import Path
 
-    from components.steps import TrackingOptions
-    from components.table import TableConfig, run_table
+    from components.steps.common import TrackingOptions
+    from components.steps.table import TableConfig, run_table
 
     folders = tuple(a.path for a in [*pretrained, *scratch, zero_shot, *blind])
     out = Path(tempfile.mkdtemp())
@@ -207,7 +207,7 @@ def register_op(
     import json
     from pathlib import Path
 
-    from components.registry import RegisterConfig, register_model
+    from components.steps.register import RegisterConfig, register_model
 
     result = register_model(
         RegisterConfig(model=finetuned.path, evaluation=evaluation.path, features=features.path, experiment=experiment)

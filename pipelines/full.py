@@ -71,8 +71,8 @@ def step_settings(step: str) -> dict[str, Any]:
     """A training step's settings in params.yaml: its sections (``model`` then ``pretrain`` / ``finetune``) merged,
     as ``vilbert pretrain --config params.yaml`` reads them."""
     from components.config import merge_all
-    from components.finetune import FinetuneConfig
-    from components.pretrain import PretrainConfig
+    from components.steps.finetune import FinetuneConfig
+    from components.steps.pretrain import PretrainConfig
 
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[step]
     return merge_all(PARAMS.get(name, {}) for name in cls.SECTIONS)
@@ -322,8 +322,8 @@ def parse_params(pairs: list[str] | None, params_file: str | None = None) -> "Pi
     step's settings, read as that field's type (``pretrain.trainer.lr=3e-4``); other values are parsed as JSON,
     else kept as text."""
     from components.config import ConfigError, assignments, deep_merge
-    from components.finetune import FinetuneConfig
-    from components.pretrain import PretrainConfig
+    from components.steps.finetune import FinetuneConfig
+    from components.steps.pretrain import PretrainConfig
 
     values: dict[str, Any] = {}
     if params_file:

@@ -30,7 +30,7 @@ def _step_layer(paths: dict[str, str], output: str, experiment: str) -> dict[str
 def pretrain_config(settings: dict[str, Any], paths: dict[str, str], output: str, experiment: str) -> Any:
     """The step's PretrainConfig: ``settings`` (PretrainConfig fields) under the pipeline's paths."""
     from components.config import load
-    from components.pretrain import PretrainConfig
+    from components.steps.pretrain import PretrainConfig
 
     return load(PretrainConfig, settings, _step_layer(paths, output, experiment))
 
@@ -39,7 +39,7 @@ def finetune_config(settings: dict[str, Any], paths: dict[str, str], task: str, 
                     experiment: str) -> Any:  # fmt: skip
     """The step's FinetuneConfig: ``settings`` (FinetuneConfig fields) under the pipeline's task, init and paths."""
     from components.config import load
-    from components.finetune import FinetuneConfig
+    from components.steps.finetune import FinetuneConfig
 
     layer = _step_layer(paths, output, experiment)
     return load(FinetuneConfig, settings, {**layer, "task": task, "init": init, "blind": blind})
@@ -47,7 +47,7 @@ def finetune_config(settings: dict[str, Any], paths: dict[str, str], task: str, 
 
 def pretrain_in_step(settings: dict[str, Any], paths: dict[str, str], output: str, experiment: str) -> dict[str, Any]:
     """Pretrain in this step's container (``settings["nproc"]`` processes under torchrun's elastic agent)."""
-    from components.pretrain import run_pretrain
+    from components.steps.pretrain import run_pretrain
 
     result = run_pretrain(pretrain_config(settings, paths, output, experiment))
     return {"steps": result.steps, "loss": result.final_loss, "mlflow_run": result.tracking_run_id or ""}

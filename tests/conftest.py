@@ -118,7 +118,7 @@ def mlflow_server(tmp_path_factory):
     with the environment `make ui` gives it; yields a namespace with ``uri``, ``store``, ``log`` and ``artifacts``."""
     from types import SimpleNamespace
 
-    from components.registry_ui import load_state, server_env, start_mlflow_server, stop_process
+    from components.registry.ui import load_state, server_env, start_mlflow_server, stop_process
     from components.training.launch import free_port
 
     base = tmp_path_factory.mktemp("mlflow_server")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from components.model_demo import run_demo
+from components.bench.demo import run_demo
 
 
 def test_demo_runs_real_steps_and_losses_fall():

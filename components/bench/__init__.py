@@ -1,3 +1,3 @@
-"""Benchmarks the ``vilbert`` CLI runs (``vilbert model bench``): :mod:`components.bench.throughput`, training
-throughput and memory of this ViLBERT against the original.  The scripts behind the figures of
-``benchmarks/RESULTS.md`` live in ``benchmarks/``."""
+"""What ``vilbert model bench`` and ``vilbert model demo`` run: :mod:`components.bench.throughput`, training
+throughput and memory of this ViLBERT against the original, and :mod:`components.bench.demo`, a few pretraining
+steps of the demo model.  The scripts behind the figures of ``benchmarks/RESULTS.md`` live in ``benchmarks/``."""

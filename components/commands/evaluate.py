@@ -48,8 +48,8 @@ def evaluate_command(
     from rich.table import Table
 
     from components.data.common import DataError
-    from components.evaluate import EvaluateConfig, run_evaluate
     from components.features import FeatureSpecMismatch
+    from components.steps.evaluate import EvaluateConfig, run_evaluate
 
     console = Console()
     try:

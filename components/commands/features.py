@@ -85,8 +85,8 @@ def features_command(
     from rich.console import Console
 
     from components.features.backends import BackendError, BoxLimits, DemoOptions, DetectorOptions
-    from components.features.extract import FeaturesConfig, FeaturesFailed, ImportOptions, run_features
     from components.features.spec import FeatureSpecMismatch
+    from components.steps.features import FeaturesConfig, FeaturesFailed, ImportOptions, run_features
     from components.storage import StorageError
 
     console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)

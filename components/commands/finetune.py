@@ -1,7 +1,8 @@
 """``vilbert finetune --task T``: transfer a pretrained checkpoint (or scratch) to one task.
 
-The options are generated from :class:`components.finetune.FinetuneConfig` (components/commands/config_options.py);
-``--config params.yaml`` reads its ``model`` and ``finetune`` sections, as ``dvc repro`` does."""
+The options are generated from :class:`components.steps.finetune.FinetuneConfig`
+(components/commands/config_options.py); ``--config params.yaml`` reads its ``model`` and ``finetune`` sections, as
+``dvc repro`` does."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import json
 import typer
 
 from components.commands.config_options import TRAINER_RENAMES, config_command
-from components.finetune import FinetuneConfig
+from components.steps.finetune import FinetuneConfig
 
 
 def _run(config: FinetuneConfig) -> None:
-    from components.finetune import run_finetune
+    from components.steps.finetune import run_finetune
 
     result = run_finetune(config)
     typer.echo(

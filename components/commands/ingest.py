@@ -43,9 +43,9 @@ def ingest_command(
     from rich.console import Console
     from rich.table import Table
 
-    from components.ingest import IngestConfig, run_ingest
     from components.sources import SourceFormatError
     from components.sources.conceptual_captions import FetchUnavailable
+    from components.steps.ingest import IngestConfig, run_ingest
     from components.storage import StorageError
 
     console = Console(width=None if sys.stdout.isatty() else 160)

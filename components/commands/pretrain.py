@@ -1,7 +1,8 @@
 """``vilbert pretrain``: masked multimodal modelling + alignment on validated captions and a feature store.
 
-The options are generated from :class:`components.pretrain.PretrainConfig` (components/commands/config_options.py);
-``--config params.yaml`` reads its ``model`` and ``pretrain`` sections, as ``dvc repro`` does."""
+The options are generated from :class:`components.steps.pretrain.PretrainConfig`
+(components/commands/config_options.py); ``--config params.yaml`` reads its ``model`` and ``pretrain`` sections, as
+``dvc repro`` does."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import json
 import typer
 
 from components.commands.config_options import TRAINER_RENAMES, config_command
-from components.pretrain import PretrainConfig
+from components.steps.pretrain import PretrainConfig
 
 
 def _run(config: PretrainConfig) -> None:
-    from components.pretrain import run_pretrain
+    from components.steps.pretrain import run_pretrain
 
     result = run_pretrain(config)
     typer.echo(

@@ -1,6 +1,6 @@
 """``vilbert register`` / ``promote`` / ``rollback`` / ``serve`` and ``vilbert registry ui`` / ``listen``: the model
-registry (components/registry.py), its events (components/registry_events.py) and serving the champion
-(components/serving_live.py)."""
+registry (components/steps/register.py), its events (components/registry/events.py) and serving the champion
+(components/serving/live.py)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def register_command(
     _no_telemetry()
     from mlflow.exceptions import MlflowException
 
-    from components.registry import RegisterConfig, register_model
+    from components.steps.register import RegisterConfig, register_model
 
     console = _console()
     try:
@@ -86,14 +86,14 @@ def promote_command(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Move alias `champion` to a version (the old champion becomes `previous-champion`); records who, when, why."""
-    from components.registry import promote
+    from components.registry.rules import promote
 
     _run(lambda: promote(name, reason, version=version, actor=actor, tracking_uri=tracking_uri), "promote")
 
 
 def rollback_command(name: Name, reason: Reason, actor: Actor = None, tracking_uri: TrackingUri = None) -> None:
     """Move alias `champion` back to `previous-champion`; records who, when, why."""
-    from components.registry import rollback
+    from components.registry.rules import rollback
 
     _run(lambda: rollback(name, reason, actor=actor, tracking_uri=tracking_uri), "rollback")
 
@@ -109,7 +109,7 @@ def _run(action: Any, what: str) -> None:
     _no_telemetry()
     from mlflow.exceptions import MlflowException
 
-    from components.registry import RegistryError
+    from components.registry.rules import RegistryError
 
     console = _console()
     try:
@@ -166,7 +166,7 @@ def ui_command(
     _no_telemetry()
     from pathlib import Path
 
-    from components.registry_ui import run_ui
+    from components.registry.ui import run_ui
     from components.tracking import default_tracking_uri
 
     store = backend_store_uri or default_tracking_uri()
@@ -183,10 +183,10 @@ def listen_command(
     host: Host = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the receiver.")] = 5005,
 ) -> None:
-    """Audit alias changes of an `mlflow server` (which must allow loopback webhooks, see components/registry_ui.py):
+    """Audit alias changes of an `mlflow server` (which must allow loopback webhooks, see components/registry/ui.py):
     who/when/previous holder in `alias.history`, `previous-champion` kept, broken rules flagged."""
     _no_telemetry()
-    from components.registry_ui import Listener
+    from components.registry.ui import Listener
 
     listener = Listener(tracking_uri, secret, host, port, _plain_log())
     _serve_until_stopped(listener.start, listener.stop)
@@ -204,7 +204,7 @@ def serve_command(
     """Serve models:/NAME@champion and follow it: a newly promoted version is loaded and health-checked, then
     takes over (the old one keeps serving if it fails); every answer names the version that gave it."""
     _no_telemetry()
-    from components.serving_live import ChampionService, ServeConfig
+    from components.serving.live import ChampionService, ServeConfig
 
     try:
         config = ServeConfig(name=name, tracking_uri=tracking_uri, alias=alias, host=host, port=port, poll_s=poll,

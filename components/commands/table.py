@@ -20,8 +20,8 @@ def table_command(
     track: Annotated[bool, typer.Option(help="Record the table in MLflow.")] = True,
 ) -> None:
     """Tabulate (a) pretrained, (b) no multimodal pretraining, (c) zero-shot, per task, mean ± std over seeds."""
-    from components.steps import TrackingOptions
-    from components.table import TableConfig, run_table
+    from components.steps.common import TrackingOptions
+    from components.steps.table import TableConfig, run_table
 
     result = run_table(
         TableConfig(

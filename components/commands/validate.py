@@ -57,7 +57,7 @@ def validate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from components.validate import ValidateConfig, ValidationFailed, run_validate
+    from components.steps.validate import ValidateConfig, ValidationFailed, run_validate
     from components.validation.limits import ValidationLimits
 
     console = Console()

@@ -1,5 +1,5 @@
 """Evaluation building blocks: predictions (:func:`predict`), the benchmarks' metrics on them (:func:`score`) and
-the pictures.  The evaluate step (``components/evaluate.py``) wires them to files and tracking; the fine-tuning
+the pictures.  The evaluate step (``components/steps/evaluate.py``) wires them to files and tracking; the fine-tuning
 step calls :func:`predict` and :func:`score` for its validation metric (both are side-effect free)::
 
     predictions = predict(model, "vqa", val_dataset, batch_size=64)

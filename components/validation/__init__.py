@@ -3,7 +3,7 @@
 One module per table or area: :mod:`.manifest`, :mod:`.captions`, :mod:`.taskfiles` (COCO instances),
 :mod:`.vqa`, :mod:`.refcoco`, :mod:`.flickr30k`, :mod:`.vcr`, :mod:`.features`; :mod:`.engine` runs them
 with GX, :mod:`.quarantine` and :mod:`.reports` write the results. The step itself is
-:func:`components.validate.run_validate`.
+:func:`components.steps.validate.run_validate`.
 """
 
 from components.validation.limits import ValidationLimits

@@ -16,9 +16,9 @@ from components.features.backends.base import PrepareContext, box_recall
 from components.features.backends.demo import STORE_SUBDIR, WEIGHTS_FILE, DemoArchitecture, DemoDetector
 from components.features.backends.demo_proposals import ProposalOptions, grid_windows, propose
 from components.features.backends.demo_training import build_vocabulary, evaluate, load_annotated
-from components.ingest import IngestConfig, run_ingest
 from components.sources.synthetic import SyntheticConfig, generate_image
 from components.sources.synthetic_world import COLOURS, SHAPES, coco_categories
+from components.steps.ingest import IngestConfig, run_ingest
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from components import config as cfg
 from components.cli import app
 from components.commands.config_options import TRAINER_RENAMES, config_command, from_options
-from components.finetune import FinetuneConfig
-from components.pretrain import PretrainConfig
+from components.steps.finetune import FinetuneConfig
+from components.steps.pretrain import PretrainConfig
 from components.training.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -138,8 +138,8 @@ def write_store(root: Path, store: Path, spec: FeatureSpec = SPEC, skip: frozens
 
 
 def build_world(base: Path) -> World:
-    from components.ingest import IngestConfig, run_ingest
-    from components.validate import ValidateConfig, run_validate
+    from components.steps.ingest import IngestConfig, run_ingest
+    from components.steps.validate import ValidateConfig, run_validate
     from components.validation import ValidationLimits
 
     root = base / "data"

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.registry import promote, rollback
-from components.registry_events import (
+from components.registry.events import (
     ALIAS_HISTORY_TAG,
     EVENTS_PATH,
     JsonServer,
@@ -25,8 +24,8 @@ from components.registry_events import (
     event_route,
     sign,
 )
-from components.registry_rules import HISTORY_TAG, VIOLATIONS_TAG
-from components.registry_ui import Listener
+from components.registry.rules import HISTORY_TAG, VIOLATIONS_TAG, promote, rollback
+from components.registry.ui import Listener
 
 
 def body(name: str = "m", alias: str = "champion", version: str = "2") -> bytes:

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.registry_events import ALIAS_HISTORY_TAG
-from components.registry_rules import HISTORY_TAG, VIOLATIONS_TAG
-from components.registry_ui import stop_process, wait_until_up
+from components.registry.events import ALIAS_HISTORY_TAG
+from components.registry.rules import HISTORY_TAG, VIOLATIONS_TAG
+from components.registry.ui import stop_process, wait_until_up
 from tests.components.test_data_world import shared_world
 from tests.components.test_registry_events import aliases, history, wait_for
 from tests.components.test_serving import (

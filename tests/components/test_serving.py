@@ -27,12 +27,12 @@ import torch
 
 from components.data.tasks.vqa import AnswerVocab
 from components.features.backends import BoxLimits, DemoOptions, decode_rgb
-from components.features.extract import FeaturesConfig, run_features
 from components.features.store import read_spec
-from components.registry import RegisterConfig, read_inputs, stage_artifacts
-from components.serving import OUTPUT_COLUMNS, ServingInputError, ViLBertPredictor, image_bytes
-from components.serving_bundle import BundleError
+from components.serving.bundle import BundleError
+from components.serving.predictor import OUTPUT_COLUMNS, ServingInputError, ViLBertPredictor, image_bytes
 from components.sources.synthetic import SyntheticConfig, generate_image
+from components.steps.features import FeaturesConfig, run_features
+from components.steps.register import RegisterConfig, read_inputs, stage_artifacts
 from components.training.launch import free_port
 from model import ViLBertForTasks
 from model.checkpoint import save_checkpoint
@@ -104,10 +104,10 @@ def world_png(index: int = 3) -> bytes:
 
 
 def expected_vqa(folder: Path, store: Path, png: bytes, text: str) -> tuple[str, list[float]]:
-    """The VQA answer and sigmoid scores computed by hand from the pieces (not through components.serving)."""
+    """The VQA answer and sigmoid scores computed by hand from the pieces (not through components.serving.predictor)."""
     from components.data.common import encode_text
     from components.data.regions import region_inputs
-    from components.features.extract import open_extractor
+    from components.features.backends import open_extractor
     from components.features.spec import RegionFeatures
     from model.checkpoint import load_checkpoint
     from model.tokenizer import load_tokenizer
@@ -165,7 +165,7 @@ def shared_registry(tmp_path_factory) -> Registered:
     from typer.testing import CliRunner
 
     from components.cli import app
-    from components.registry import register_model
+    from components.steps.register import register_model
 
     world = shared_world(tmp_path_factory)
     store = shared_store(world, tmp_path_factory)
@@ -324,8 +324,8 @@ def test_bad_requests_get_errors_naming_the_row(setup: Setup, tmp_path) -> None:
 def test_an_s3_store_bundles_its_extractor(setup: Setup, s3_bucket, tmp_path) -> None:
     """A store on S3 (as a features run with an s3:// output leaves it: weights_uri names the S3 detector folder)."""
     from components import storage
-    from components.features.extract import open_extractor
-    from components.serving_bundle import load_bundled_extractor, stage_extractor
+    from components.features.backends import open_extractor
+    from components.serving.bundle import load_bundled_extractor, stage_extractor
 
     uri = f"{s3_bucket}/store"
     storage.sync_up(setup.store, uri)
@@ -353,7 +353,7 @@ def test_a_detector_store_bundles_the_user_weights(setup: Setup, tmp_path) -> No
 
     from components.features import FeatureStore
     from components.features.backends import DetectorOptions
-    from components.serving_bundle import load_bundled_extractor, stage_extractor
+    from components.serving.bundle import load_bundled_extractor, stage_extractor
 
     torch.manual_seed(0)
     state = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).state_dict()

@@ -51,8 +51,8 @@ def test_no_task_dispatch_outside_the_registry():
 
 def test_one_task_list():
     from components.evaluation import HEADLINE
-    from components.registry import MODEL_NAMES
-    from components.serving import OUTPUT_COLUMNS
+    from components.serving.predictor import OUTPUT_COLUMNS
+    from components.steps.register import MODEL_NAMES
     from pipelines.full import PipelineParams
 
     assert TASK_NAMES == tuple(TASKS) == ("vqa", "vcr", "refcoco+", "retrieval")
@@ -79,7 +79,7 @@ def test_every_task_defines_what_the_steps_need(name):
 
 
 def test_table_columns_follow_the_registry():
-    from components.table import Cell, render_markdown
+    from components.steps.table import Cell, render_markdown
 
     cells = {(t, "pretrained"): Cell("m", {0: 1.0}) for t in reversed(TASK_NAMES)}
     header = render_markdown(cells).splitlines()[0]

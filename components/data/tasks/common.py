@@ -225,7 +225,7 @@ def item_attention_inputs(
 
 @dataclass(frozen=True)
 class ServingAdapter:
-    """How a registered model of the task answers a request row (``components.serving``)."""
+    """How a registered model of the task answers a request row (``components.serving.predictor``)."""
 
     outputs: tuple[tuple[str, str], ...]
     """``(column, type)`` per output column, in order; types are MLflow's (``string``, ``double``, ``long``), a

@@ -17,17 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components.ingest import (
+from components.sources import synthetic
+from components.sources.base import SourceCaption, SourceFiles, SourceImage, SourceProblem
+from components.steps.ingest import (
     CAPTIONS_SCHEMA,
     MANIFEST_SCHEMA,
     IngestConfig,
     hash_split,
     run_ingest,
 )
-from components.sources import synthetic
-from components.sources.base import SourceCaption, SourceFiles, SourceImage, SourceProblem
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FORMATS = ROOT / "tests" / "data" / "formats"
 
 

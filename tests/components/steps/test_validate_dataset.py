@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from components.validate import ValidateConfig, ValidationFailed, run_validate
+from components.steps.validate import ValidateConfig, ValidationFailed, run_validate
 from components.validation import ValidationLimits
-from tests.components.test_validate_fixtures import MANIFEST_SCHEMA, image_id, make_world, png_bytes
+from tests.components.steps.test_validate_fixtures import MANIFEST_SCHEMA, image_id, make_world, png_bytes
 
 
 def _fail(root: Path, out: Path, **kwargs) -> ValidationFailed:

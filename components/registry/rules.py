@@ -2,11 +2,11 @@
 each move recorded as tags (who, when, why); what a champion must have (:func:`champion_violations`).
 
 A champion set elsewhere (the MLflow UI) is recorded by :func:`adopt_champion`, called by the registry-event
-listener (components/registry_events.py).  Every read-then-move of aliases holds the model's registry lock
-(components/registry_lock.py).
+listener (components/registry/events.py).  Every read-then-move of aliases holds the model's registry lock
+(components/registry/lock.py).
 
-Used through :mod:`components.registry` and the ``vilbert register`` / ``promote`` / ``rollback`` commands; the
-rules are stated in the docstring of :mod:`components.registry`.
+Used through :mod:`components.steps.register` and the ``vilbert register`` / ``promote`` / ``rollback`` commands; the
+rules are stated in the docstring of :mod:`components.steps.register`.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _aliases(client: Any, name: str, uri: str) -> dict[str, str]:
     try:
         return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
-        from components.registry_lock import is_lock
+        from components.registry.lock import is_lock
 
         known = sorted(m.name for m in client.search_registered_models(max_results=50) if not is_lock(m.name))
         raise RegistryError(f"no registered model {name!r} in {uri} (registered: {known or 'none'})") from None
@@ -205,7 +205,7 @@ def promote(name: str, reason: str, version: str | None = None, actor: str | Non
             tracking_uri: str | None = None) -> AliasChange:  # fmt: skip
     """Make ``version`` (default: the ``challenger``) the ``champion``; the old champion becomes
     ``previous-champion``; ``challenger`` is removed when it pointed at the promoted version."""
-    from components.registry_lock import registry_lock
+    from components.registry.lock import registry_lock
 
     if not reason or not reason.strip():
         raise RegistryError("a promotion needs a reason (--reason)")
@@ -258,7 +258,7 @@ def _after_promotion(client: Any, name: str, version: str, old: str | None, alia
 
 def rollback(name: str, reason: str, actor: str | None = None, tracking_uri: str | None = None) -> AliasChange:
     """Move ``champion`` back to ``previous-champion`` (which is then removed) and record it."""
-    from components.registry_lock import registry_lock
+    from components.registry.lock import registry_lock
 
     if not reason or not reason.strip():
         raise RegistryError("a rollback needs a reason (--reason)")

@@ -197,7 +197,7 @@ class ViLBertPredictor:
         import torch
 
         from components.data.tasks.vqa import ANSWER_VOCAB_FILE, AnswerVocab
-        from components.serving_bundle import load_bundled_extractor
+        from components.serving.bundle import load_bundled_extractor
         from model.checkpoint import load_checkpoint, read_header
         from model.tokenizer import load_tokenizer
 
@@ -327,7 +327,7 @@ def pyfunc_model() -> Any:
     from mlflow.pyfunc import PythonModel
 
     class ViLBertPyfunc(PythonModel):
-        """Registered ViLBERT: image + text in, answer / score / box out (see components/serving.py)."""
+        """Registered ViLBERT: image + text in, answer / score / box out (see components/serving/predictor.py)."""
 
         def load_context(self, context: Any) -> None:
             self.predictor = ViLBertPredictor.from_artifacts(context.artifacts)

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from components.data.masking import mask_regions, mask_tokens
 from model import ViLBertForPretraining, preset
 from model.checkpoint import count_parameters, load_bert_text_stream
 from model.embeddings import with_image_token
 from model.tokenizer import load_tokenizer, minilm_dir
-
-from .data.masking import mask_regions, mask_tokens
 
 CAPTIONS = (
     "a red circle sits to the left of a large blue square",

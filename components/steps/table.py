@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from components import storage
-from components.steps import StepError, TrackingOptions, write_json
+from components.steps.common import StepError, TrackingOptions, write_json
 
 ROWS = (("pretrained", "ViLBERT (pretrained)"), ("scratch", "ViLBERT, no multimodal pretraining"),
         ("zero-shot", "Zero-shot (pretrained alignment head)"),

@@ -1,7 +1,7 @@
 """No races: 20 rounds of two processes registering at the same moment against a real ``mlflow server`` end with
 the aliases the gate's rules say, every round; the registry lock waits for its holder and breaks an expired one.
 
-The processes run the register step's own gate (``components.registry.gate_version``, what ``vilbert register``
+The processes run the register step's own gate (``components.steps.register.gate_version``, what ``vilbert register``
 calls once its version is logged) on versions created through the server, so a round takes a second, not the
 minute two full registrations of a model take.
 """
@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.registry import gate_version
+from components.steps.register import gate_version
 from tests.components.test_registry_events import aliases, make_versions, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 WORKER = """
 import json, sys, time
 from pathlib import Path
 from mlflow.tracking import MlflowClient
-from components.registry import gate_version
+from components.steps.register import gate_version
 uri, name, folder, me, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 client = MlflowClient(uri, registry_uri=uri)
 run = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
@@ -83,7 +83,7 @@ def test_twenty_rounds_of_two_concurrent_gates_leave_the_aliases_the_rules_say(m
 
 
 def test_gate_version_waits_for_the_lock_and_breaks_an_expired_one(mlflow_server) -> None:
-    from components.registry_lock import EXPIRES_TAG, RegistryLockTimeout, lock_name, registry_lock
+    from components.registry.lock import EXPIRES_TAG, RegistryLockTimeout, lock_name, registry_lock
 
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     name = "locked"

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import storage
-from components.validate import ValidateConfig, ValidationFailed, run_validate
+from components.steps.validate import ValidateConfig, ValidationFailed, run_validate
 from components.validation import ValidationLimits, rejected_row_ids
-from tests.components.test_validate_fixtures import image_id, make_world
+from tests.components.steps.test_validate_fixtures import image_id, make_world
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Lineage tags of a registered version: the code, the data and features, the runs, the evaluation metrics.
 
-The tag names are listed in the docstring of :mod:`components.registry`.
+The tag names are listed in the docstring of :mod:`components.steps.register`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from components import storage
 
 if TYPE_CHECKING:
-    from components.registry import RegisterConfig
+    from components.steps.register import RegisterConfig
 
 
 def dvc_lineage(lock: Path, paths: Mapping[str, str | None]) -> dict[str, str]:
@@ -59,7 +59,7 @@ def code_lineage() -> dict[str, str]:
 
     from components.tracking import git_commit
 
-    repo = Path(__file__).resolve().parent.parent  # (components.__file__ is None when it resolves as a namespace)
+    repo = Path(__file__).resolve().parents[2]  # (components.__file__ is None when it resolves as a namespace)
     commit = git_commit(repo)
     if commit is None:
         return {}

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import storage
-from components.ingest import IngestConfig, run_ingest
+from components.steps.ingest import IngestConfig, run_ingest
 
-FORMATS = Path(__file__).resolve().parents[1] / "data" / "formats"
+FORMATS = Path(__file__).resolve().parents[2] / "data" / "formats"
 
 
 def s3_table(uri: str) -> list[dict]:

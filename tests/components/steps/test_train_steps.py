@@ -12,9 +12,9 @@ import pytest
 from components.data.common import EmptySplitError, MissingFeaturesError
 from components.data.pretraining_config import PretrainingDataConfig
 from components.features import FeatureSpec, FeatureSpecMismatch
-from components.finetune import FinetuneConfig, run_finetune
-from components.pretrain import PretrainConfig, run_pretrain
-from components.steps import StepError, TrackingOptions
+from components.steps.common import StepError, TrackingOptions
+from components.steps.finetune import FinetuneConfig, run_finetune
+from components.steps.pretrain import PretrainConfig, run_pretrain
 from components.training.config import TrainerConfig
 from model.checkpoint import read_header
 from tests.components.test_data_world import SPEC, TINY, World, shared_world, write_store

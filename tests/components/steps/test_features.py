@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 from components import storage
 from components.cli import app
 from components.features import FeatureSpecMismatch, FeatureStore
-from components.features.backends import BoxLimits, DemoBackend, DemoOptions, decode_rgb
+from components.features.backends import BoxLimits, DemoBackend, DemoOptions, decode_rgb, open_extractor
 from components.features.backends.base import PrepareContext
-from components.features.extract import FeaturesConfig, FeaturesFailed, ImportOptions, open_extractor, run_features
-from components.ingest import IngestConfig, run_ingest
+from components.steps.features import FeaturesConfig, FeaturesFailed, ImportOptions, run_features
+from components.steps.ingest import IngestConfig, run_ingest
 
 LIMITS = BoxLimits(min_boxes=2, max_boxes=12)
 
@@ -228,7 +228,7 @@ import os
 import sys
 from pathlib import Path
 from components.features.backends import BoxLimits, DemoOptions
-from components.features.extract import FeaturesConfig, run_features
+from components.steps.features import FeaturesConfig, run_features
 dataset, output, model = sys.argv[1:4]
 cfg = FeaturesConfig(dataset=dataset, output=output, boxes=BoxLimits(2, 12), demo=DemoOptions(model_dir=model),
                      threads=1, progress=False)

@@ -22,16 +22,16 @@ from typing import Any
 import pandas as pd
 
 from components.data.tasks import TASKS
-from components.serving import NUM_CHOICES, ServingInputError
+from components.serving.predictor import NUM_CHOICES, ServingInputError
 
 WEIGHTS_DIR = "weights"
 SPEC_FILE = "spec.json"
 #: The models-from-code entry: MLflow runs it to get the python model (no pickle anywhere).
-MODEL_CODE = '''"""MLflow models-from-code entry of a registered ViLBERT model (written by components.registry)."""
+MODEL_CODE = '''"""MLflow models-from-code entry of a registered ViLBERT model (written by the register step)."""
 
 import mlflow
 
-from components.serving import pyfunc_model
+from components.serving.predictor import pyfunc_model
 
 mlflow.models.set_model(pyfunc_model())
 '''
@@ -50,7 +50,7 @@ def stage_extractor(store: str, target: Path) -> dict[str, Any]:
 
     Returns the store's feature spec (dict).  Works for local and ``s3://`` stores and weights."""
     from components import storage
-    from components.features.extract import EXTRACTOR_FILE
+    from components.features.backends import EXTRACTOR_FILE
 
     try:
         described = json.loads(storage.read_bytes(storage.join(store, EXTRACTOR_FILE)))
@@ -92,9 +92,8 @@ def stage_extractor(store: str, target: Path) -> dict[str, Any]:
 
 def load_bundled_extractor(folder: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """``(extractor, FeatureSpec)`` from a staged extractor folder: the backend's own ``load`` (as
-    ``components.features.extract.open_extractor``), with the weights found inside the folder."""
-    from components.features.backends import BACKENDS, BoxLimits, PreparedBackend
-    from components.features.extract import EXTRACTOR_FILE
+    ``components.features.backends.open_extractor``), with the weights found inside the folder."""
+    from components.features.backends import BACKENDS, EXTRACTOR_FILE, BoxLimits, PreparedBackend
     from components.features.spec import FeatureSpec
 
     folder = Path(folder)
@@ -161,4 +160,4 @@ def code_paths() -> list[str]:
     import model.checkpoint
 
     # From module files: a stale editable install can make ``components`` a namespace package (no __file__).
-    return [str(Path(model.checkpoint.__file__).resolve().parent), str(Path(__file__).resolve().parent)]
+    return [str(Path(model.checkpoint.__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]

@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from components.ingest import IngestConfig, run_ingest
-from components.validate import ValidateConfig, run_validate
+from components.steps.ingest import IngestConfig, run_ingest
+from components.steps.validate import ValidateConfig, run_validate
 from components.validation import ValidationLimits
 
 

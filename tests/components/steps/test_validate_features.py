@@ -16,9 +16,9 @@ import pytest
 
 from components.features.spec import FeatureSpec, RegionFeatures
 from components.features.store import FeatureStoreWriter
-from components.validate import ValidateConfig, ValidationFailed, run_validate
+from components.steps.validate import ValidateConfig, ValidationFailed, run_validate
 from components.validation import ValidationLimits
-from tests.components.test_validate_fixtures import H, W, image_id, make_world
+from tests.components.steps.test_validate_fixtures import H, W, image_id, make_world
 
 D, C = 8, 5
 

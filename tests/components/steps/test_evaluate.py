@@ -16,10 +16,10 @@ from PIL import Image
 from components import storage
 from components.data.common import DataError, EmptySplitError, MissingFeaturesError, encode_text
 from components.data.tasks import AnswerVocab, TaskFiles
-from components.evaluate import EvaluateConfig, run_evaluate
 from components.evaluation import Predictions, mlflow_metric_name, predict, score
 from components.features import FeatureSpecMismatch
 from components.metrics import grounding_scores, retrieval_scores, vcr_scores, vqa_scores, xywh_to_xyxy
+from components.steps.evaluate import EvaluateConfig, run_evaluate
 from components.tracking import PARENT_RUN_ENV
 from model import ViLBertForPretraining, ViLBertForTasks
 from model.checkpoint import load_checkpoint, save_checkpoint

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from components import storage
 from components.data import DEFAULT_MAX_REGIONS
 from components.data.pretraining_config import CAPTIONS_VALID, PretrainingDataConfig
-from components.steps import (
+from components.steps.common import (
     MINILM,
     RESULT_FILE,
     STEP_FILE,

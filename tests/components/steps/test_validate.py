@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from components.validate import ValidateConfig, ValidateResult, run_validate
+from components.steps.validate import ValidateConfig, ValidateResult, run_validate
 from components.validation import ValidationLimits, rejected_row_ids
-from tests.components.test_validate_fixtures import H, W, image_id, make_world, png_bytes
+from tests.components.steps.test_validate_fixtures import H, W, image_id, make_world, png_bytes
 
 # (table, row_id) -> the exact reasons expected for that row
 EXPECTED: dict[tuple[str, str], list[str]] = {}

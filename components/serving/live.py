@@ -2,7 +2,7 @@
 
 :class:`ChampionService` loads the version behind the alias (downloaded from the registry, loaded as the pyfunc it
 was registered as) and health-checks it before it takes traffic: the version must answer its task's input example
-(components/serving_bundle.py) with one row in its output columns.  When the alias moves -- a registry webhook
+(components/serving/bundle.py) with one row in its output columns.  When the alias moves -- a registry webhook
 (an ``mlflow server`` store: the service subscribes its own receiver, ``POST /mlflow-events``, and unsubscribes on
 exit) or, with any store, the poll every ``poll_s`` seconds -- the new version is loaded and checked beside the
 one serving; it takes over only when it passed, otherwise the old one keeps serving and ``GET /version`` reports
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.registry_events import (
+from components.registry.events import (
     ALIAS_EVENTS,
     EVENTS_PATH,
     JsonServer,
@@ -40,7 +40,7 @@ from components.registry_events import (
     event_route,
     remove_webhook,
 )
-from components.registry_rules import CHAMPION, utc_now
+from components.registry.rules import CHAMPION, utc_now
 
 
 class ServeError(RuntimeError):
@@ -85,7 +85,7 @@ class ChampionService:
     """The version behind ``config.alias``, swapped when the alias moves (module docstring)."""
 
     def __init__(self, config: ServeConfig, log: Callable[[str], None] = print) -> None:
-        from components.registry_rules import client_for
+        from components.registry.rules import client_for
 
         self.config = config
         self.log = log
@@ -121,8 +121,8 @@ class ChampionService:
         import mlflow.artifacts
         import mlflow.pyfunc
 
-        from components.serving import OUTPUT_COLUMNS
-        from components.serving_bundle import example_frame
+        from components.serving.bundle import example_frame
+        from components.serving.predictor import OUTPUT_COLUMNS
 
         uri = f"models:/{self.config.name}/{version}"
         task = self.client.get_model_version(self.config.name, version).tags.get("task")
@@ -177,7 +177,7 @@ class ChampionService:
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
-        from components.serving import ServingInputError
+        from components.serving.predictor import ServingInputError
 
         serving = self.current  # this request is answered by the version serving when it arrived
         if serving is None:

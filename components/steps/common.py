@@ -1,5 +1,6 @@
-"""What the training steps (``pretrain``, ``finetune``) share: the model's text side (tokenizer, BERT init),
-content hashes for lineage, the step record ``step.json``, and running a worker function on N processes.
+"""What the steps share: :class:`StepError` and :class:`TrackingOptions` (``table`` too), and for the training
+steps (``pretrain``, ``finetune``) the model's text side (tokenizer, BERT init), content hashes for lineage, the
+step record ``step.json``, and running a worker function on N processes.
 
 The step record and the output layout are specified in DATA_CONTRACTS.md ("Step outputs around the trainer").
 """

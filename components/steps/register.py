@@ -1,7 +1,7 @@
 """The register step and the registry's aliases: the gate, promotion, rollback, and lineage tags.
 
 ``register_model(config)`` logs a fine-tuned model (F, with its evaluation E) to MLflow as a pyfunc that answers
-requests (components/serving.py: image + text in, answer / score / box out), bundling the checkpoint directory
+requests (components/serving/predictor.py: image + text in, answer / score / box out), bundling the checkpoint directory
 (weights, config, tokenizer, feature spec), the feature extractor that made the training features, the serving
 settings (and the VQA answer vocabulary), a signature and an input example, and registers it as a new version of
 ``vilbert-<task>`` (``refcoco+`` -> ``vilbert-refcoco-plus``: a ``+`` reads as a space in URL query strings).
@@ -16,12 +16,12 @@ displaces a better one waiting for promotion).  The very first version has no re
 ``challenger``.  A reference measured with another metric or on another split cannot be compared: the version
 is registered without an alias (``not_comparable``).  The decision is recorded as version tags ``gate.*``.
 The version is registered first, then gated under the model's registry lock (:func:`gate_version`,
-components/registry_lock.py): concurrent registrations are gated one after the other, never on stale aliases.
+components/registry/lock.py): concurrent registrations are gated one after the other, never on stale aliases.
 Register never moves ``champion``: the first version too is promoted by hand (``vilbert promote``), so
 ``models:/<name>@champion`` exists only after a person chose it.
 
 **Promotion** (``promote``; a ``champion`` set in the MLflow UI is recorded the same way by the registry-event
-listener, components/registry_events.py) moves ``champion`` to a
+listener, components/registry/events.py) moves ``champion`` to a
 version (default: the challenger), keeps the previous champion as ``previous-champion``, drops ``challenger``
 from the promoted version, and records who, when (UTC ISO 8601) and why as version tags (``champion.*``) and in
 the registered model's ``champion.history`` tag (JSON list, newest last).  **Rollback** moves ``champion`` back to
@@ -50,8 +50,8 @@ from typing import Any
 from components import storage
 from components.data.tasks import TASKS
 from components.evaluation.scoring import mlflow_metric_name
-from components.registry_lineage import dvc_lineage, eval_metrics, version_tags
-from components.registry_rules import (
+from components.registry.lineage import dvc_lineage, eval_metrics, version_tags
+from components.registry.rules import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -203,8 +203,8 @@ def stage_artifacts(config: RegisterConfig, step: Mapping[str, Any], metrics: Ma
     from components.data.regions import DEFAULT_MAX_REGIONS
     from components.data.tasks.vqa import ANSWER_VOCAB_FILE
     from components.features.spec import FeatureSpec
-    from components.serving import CHECKPOINT, EXTRACTOR, SERVING_FILE, TASK, ServingSpec
-    from components.serving_bundle import stage_extractor
+    from components.serving.bundle import stage_extractor
+    from components.serving.predictor import CHECKPOINT, EXTRACTOR, SERVING_FILE, TASK, ServingSpec
     from model.checkpoint import read_feature_spec
 
     store = config.features or step.get("features")
@@ -238,8 +238,8 @@ def stage_artifacts(config: RegisterConfig, step: Mapping[str, Any], metrics: Ma
 
 def _self_check(artifacts: Mapping[str, str], task: str) -> None:
     """The staged bundle must answer its own input example, here, before anything is logged."""
-    from components.serving import ViLBertPredictor
-    from components.serving_bundle import example_frame
+    from components.serving.bundle import example_frame
+    from components.serving.predictor import ViLBertPredictor
 
     try:
         answer = ViLBertPredictor.from_artifacts(artifacts, device="cpu").predict(example_frame(task))
@@ -256,7 +256,7 @@ def register_model(config: RegisterConfig, log: Callable[[str], None] = print) -
     """Log, register and gate one model version (see the module docstring)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported: nothing phones home
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log lines, not bars, in step logs
-    from components.serving_bundle import MODEL_CODE
+    from components.serving.bundle import MODEL_CODE
     from components.tracking import PARENT_RUN_ENV, Tracker, TrackingConfig
 
     step, metrics, checkpoint = read_inputs(config)
@@ -302,7 +302,7 @@ def gate_version(client: Any, name: str, version: str, metric: str, split: str |
     """The gate for a registered ``version``: read the references, decide and set ``challenger`` under the model's
     registry lock, so that concurrent registrations are gated one after the other (each against the aliases the one
     before it left); then record the decision as version tags (``gate.*``)."""
-    from components.registry_lock import registry_lock
+    from components.registry.lock import registry_lock
 
     with registry_lock(client, name):
         decision = gate(metric, split, value, reference(client, name, CHAMPION), reference(client, name, CHALLENGER),
@@ -327,7 +327,7 @@ def _log_and_register(uri: str, run_id: str, name: str, entry: Path, artifacts: 
     try:
         import mlflow
 
-        from components.serving_bundle import code_paths, example_frame, pinned_requirements, signature
+        from components.serving.bundle import code_paths, example_frame, pinned_requirements, signature
 
         if mlflow.get_tracking_uri() != uri or mlflow.get_registry_uri() != uri:
             raise RegistryError("mlflow.set_tracking_uri / set_registry_uri was called in this process with another "

@@ -15,7 +15,7 @@ event, under the model's registry lock:
   alias, set or deleted, the version, the version that held the alias before (``alias.state`` keeps the last
   holder of each alias as the auditor saw it), who and why where known, and where it came from (``source``);
 * a ``champion`` set outside ``vilbert promote`` / ``rollback`` (the MLflow UI, or any API client) is recorded
-  as a promotion exactly as ``vilbert promote`` records one (components.registry_rules.adopt_champion): the old
+  as a promotion exactly as ``vilbert promote`` records one (components.registry.rules.adopt_champion): the old
   champion becomes ``previous-champion`` (so ``vilbert rollback`` undoes it), ``challenger`` is dropped from the
   promoted version, ``champion.*`` version tags and a ``champion.history`` entry with actor ``mlflow-ui`` and
   reason "set in the MLflow UI" (MLflow's webhook payload names no user, so the UI user is not known);
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from components.registry_rules import (
+from components.registry.rules import (
     CHALLENGER,
     CHAMPION,
     HISTORY_TAG,
@@ -210,7 +210,7 @@ def event_route(endpoint: WebhookEndpoint, handle: Callable[[RegistryEvent], Any
 
 def ensure_webhook(client: Any, name: str, url: str, secret: str, events: tuple[str, ...] = ALIAS_EVENTS) -> str:
     """Create or update the webhook ``name`` (URL, events, secret, active); returns its id.  The store must be an
-    ``mlflow server`` (it delivers) that allows loopback http URLs (see components.registry_ui.server_env)."""
+    ``mlflow server`` (it delivers) that allows loopback http URLs (see components.registry.ui.server_env)."""
     found = find_webhook(client, name)
     if found is None:
         return str(client.create_webhook(name=name, url=url, events=list(events), secret=secret,
@@ -277,7 +277,7 @@ class AliasAuditor:
     def bootstrap(self) -> None:
         """Give every registered model without an ``alias.state`` tag one (its current aliases), so that the first
         change recorded knows the previous holder."""
-        from components.registry_lock import is_lock
+        from components.registry.lock import is_lock
 
         for model in self.client.search_registered_models(max_results=1000):
             if not is_lock(model.name) and ALIAS_STATE_TAG not in model.tags:
@@ -288,7 +288,7 @@ class AliasAuditor:
         """Audit the alias changes no event told us about (made while the listener was down, or in the seconds in
         which the server still used its cached list of subscribers): every alias whose holder differs from
         ``alias.state`` is handled as an event of now.  Returns how many were found."""
-        from components.registry_lock import is_lock
+        from components.registry.lock import is_lock
 
         found = 0
         for model in self.client.search_registered_models(max_results=1000):
@@ -305,7 +305,7 @@ class AliasAuditor:
 
     def handle(self, event: RegistryEvent) -> dict[str, Any]:
         """Audit one event; returns the record (also kept in :attr:`records`)."""
-        from components.registry_lock import is_lock, registry_lock
+        from components.registry.lock import is_lock, registry_lock
 
         if event.entity != "model_version_alias" or not event.alias or is_lock(event.name):
             return {"ignored": event.kind}
@@ -322,7 +322,7 @@ class AliasAuditor:
         return record.to_dict()
 
     def _audit(self, event: RegistryEvent) -> AliasRecord | None:
-        from components.registry_rules import adopt_champion
+        from components.registry.rules import adopt_champion
 
         model = self.client.get_registered_model(event.name)
         now = {k: str(v) for k, v in model.aliases.items()}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from components import storage
 from components.data import DEFAULT_MAX_REGIONS
-from components.steps import (
+from components.steps.common import (
     MINILM,
     RESULT_FILE,
     STEP_FILE,

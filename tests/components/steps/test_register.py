@@ -17,7 +17,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from components.cli import app
-from components.registry import (
+from components.registry.rules import HISTORY_TAG
+from components.serving.bundle import BundleError
+from components.steps.register import (
     RegisterConfig,
     RegistryError,
     VersionMetric,
@@ -28,8 +30,6 @@ from components.registry import (
     register_model,
     rollback,
 )
-from components.registry_rules import HISTORY_TAG
-from components.serving_bundle import BundleError
 from tests.components.test_serving import (
     Registered,
     make_evaluation,
@@ -225,8 +225,8 @@ def test_every_tag_and_metric_name_is_one_mlflow_accepts(registered: Registered,
     """Retrieval's ``recall@1`` becomes ``eval.recall_at_1`` (MLflow refuses ``@`` in tag and metric names)."""
     from mlflow.utils.validation import validate_param_and_metric_name
 
-    from components.registry import read_inputs
-    from components.registry_lineage import eval_metrics, version_tags
+    from components.registry.lineage import eval_metrics, version_tags
+    from components.steps.register import read_inputs
     from tests.components.test_data_world import shared_world
 
     world = shared_world(tmp_path_factory)
@@ -288,4 +288,4 @@ def test_the_challenger_loads_and_answers_in_a_clean_process(registered: Registe
     assert got["scores"][0] == pytest.approx(sorted(scores, reverse=True)[:5], abs=1e-5)
     assert got["scores"][1] == pytest.approx(got["scores"][0], abs=1e-6)  # base64 and a path: the same image
     assert Path(got["components"]).parts[-3:] == ("code", "components", "__init__.py")
-    assert not Path(got["components"]).is_relative_to(Path(__file__).resolve().parents[2]), got["components"]
+    assert not Path(got["components"]).is_relative_to(Path(__file__).resolve().parents[3]), got["components"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from components.table import Cell, collect, find_metrics, pooled_std, render_markdown, significant
+from components.steps.table import Cell, collect, find_metrics, pooled_std, render_markdown, significant
 
 
 def _write(root, task, init, seed, value, chance, metric="m"):

@@ -1,7 +1,7 @@
 """``make ui``: the MLflow UI (an ``mlflow server`` on the local store) with the registry-event listener beside it.
 
 :func:`run_ui` starts ``mlflow server`` on 127.0.0.1 with webhooks enabled for a loopback receiver
-(:func:`server_env`), then :class:`Listener` (components/registry_events.py) on another loopback port, which
+(:func:`server_env`), then :class:`Listener` (components/registry/events.py) on another loopback port, which
 subscribes to the server's alias events with an HMAC secret.  The secret and the key MLflow encrypts webhook
 secrets with are kept per store in a state file outside the checkout (``$XDG_STATE_HOME/vilbert/``, mode 0600), so
 a restarted UI reads the webhooks it stored before.  ``vilbert registry listen`` runs the listener alone, against
@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from components.registry_events import (
+from components.registry.events import (
     EVENTS_PATH,
     LISTENER_WEBHOOK,
     AliasAuditor,
@@ -128,7 +128,7 @@ class Listener:
 
     def __init__(self, tracking_uri: str, secret: str, host: str = "127.0.0.1", port: int = 0,
                  log: Callable[[str], None] = print, reconcile_s: float = 3.0) -> None:  # fmt: skip
-        from components.registry_rules import client_for
+        from components.registry.rules import client_for
 
         self.client, self.uri = client_for(tracking_uri)
         self.auditor = AliasAuditor(self.client, log)
@@ -152,7 +152,7 @@ class Listener:
         return self
 
     def _reconcile(self) -> None:
-        """Every ``reconcile_s``: the changes no event reported (components.registry_events.AliasAuditor.reconcile)."""
+        """Every ``reconcile_s``: the changes no event reported (components.registry.events.AliasAuditor.reconcile)."""
         while not self._stop.wait(self.reconcile_s):
             try:
                 missed = self.auditor.reconcile()

@@ -26,14 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.features.backends import BACKENDS, BoxLimits, DemoOptions, DetectorOptions
-from components.features.backends.base import BackendError, Extractor, PreparedBackend
+from components.features.backends import BACKENDS, EXTRACTOR_FILE, BoxLimits, DemoOptions, DetectorOptions
+from components.features.backends.base import BackendError, PreparedBackend
 from components.features.extract_worker import QUARANTINE_COLUMNS, Ranks, Share, ShareResult, extract_share
 
 IMPORT_BACKEND = "import"
 REPORT_FILE, QUARANTINE_FILE = "features_report.json", "quarantine.parquet"
-#: How to rebuild the extractor that made a store (backend, weights URI + sha256, settings, box limits).
-EXTRACTOR_FILE = "extractor.json"
 
 
 @dataclass(frozen=True)
@@ -238,18 +236,6 @@ def _run_extraction(config: FeaturesConfig, ranks: Ranks, log: Callable[[str], N
     result: FeaturesResult = ranks.run_on_zero(finish)
     _check_quarantine(config, result)
     return result
-
-
-def open_extractor(store: str, device: str = "cpu") -> Extractor:
-    """The extractor that made the features of ``store`` (same weights, checked by sha256; same box limits).
-
-    For serving: features of a user's image, comparable with the ones the model was trained on.
-    """
-    from components import storage
-
-    described = json.loads(storage.read_bytes(storage.join(store, EXTRACTOR_FILE)))
-    prepared = PreparedBackend(**described["prepared"])
-    return BACKENDS[prepared.backend].load(prepared, BoxLimits(**described["limits"]), device)
 
 
 def _read_manifest(config: FeaturesConfig):
