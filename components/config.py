@@ -361,26 +361,27 @@ def load(cls: type[T], *layers: Mapping[str, Any]) -> T:
     """The step config ``cls`` from ``layers`` (lowest first) over its ``STEP_DEFAULTS``.
 
     A step with ``VARIANTS = (key, field)`` (fine-tuning: ``("by_task", "task")``) lets each layer carry
-    settings for one value of the field: ``{"trainer": {"max_steps": 300}, "by_task": {"vqa": {"trainer":
-    {"max_steps": 600}}}}`` gives VQA 600 steps and every other task 300.  They apply inside their own layer, so a
+    settings for one value of the field: ``trainer: {max_steps: 300}`` with ``by_task: {<task>: {trainer:
+    {max_steps: 600}}}`` gives that task 600 steps and every other task 300.  They apply inside their own layer, so a
     later layer (``--set``, an option) still overrides them.
 
     A trainer given neither ``epochs`` nor ``max_steps`` trains for the step's ``DEFAULT_EPOCHS``; one given
     ``max_steps`` alone stops only at the step limit (the two together: whichever comes first)."""
-    stack = [getattr(cls, "STEP_DEFAULTS", {}), *layers]
+    stack: list[Mapping[str, Any]] = [getattr(cls, "STEP_DEFAULTS", {}), *layers]
     variants = getattr(cls, "VARIANTS", None)
     if variants is not None:
         key, by = variants
         value = merge_all(stack).get(by)
-        known = cls.variant_values() if hasattr(cls, "variant_values") else None
-        resolved = []
+        values_of = getattr(cls, "variant_values", None)
+        known: tuple[Any, ...] | None = tuple(values_of()) if values_of is not None else None
+        resolved: list[Mapping[str, Any]] = []
         for layer in stack:
             layer = dict(layer)
             table = layer.pop(key, None) or {}
             if not isinstance(table, Mapping):
                 raise ConfigError(f"{key} must map each {by} to its settings, got {table!r}")
             unknown = sorted(set(table) - set(known)) if known is not None else []
-            if unknown:
+            if unknown and known is not None:
                 raise ConfigError(f"{key} names unknown {by} {', '.join(map(str, unknown))} (known: "
                                   f"{', '.join(map(str, known))})")  # fmt: skip
             chosen = table.get(value, {})

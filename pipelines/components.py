@@ -131,35 +131,23 @@ def evaluate_op(
     validation: Input[Dataset],
     features: Input[Dataset],
     zero_shot: bool,
-    split: str,
-    batch_size: int,
-    max_examples: int,
+    settings: str,
     experiment: str,
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
     pictures: Output[HTML],
 ) -> None:
     """The task's official metrics, per-example predictions and pictures of a fine-tuned (or, zero-shot, the
-    pretrained) model on ``split``."""
-    from components.evaluation import mlflow_metric_name
-    from components.steps.evaluate import EvaluateConfig, run_evaluate
-    from pipelines.launchers import pictures_page
+    pretrained) model.  ``settings``: EvaluateConfig fields as JSON (params.yaml's evaluate section)."""
+    import json
 
-    result = run_evaluate(
-        EvaluateConfig(
-            model=model.path,
-            output=evaluation.path,
-            dataset=dataset.path,
-            validation=validation.path,
-            features=features.path,
-            split=split,
-            zero_shot=zero_shot,
-            batch_size=batch_size,
-            max_examples=max_examples or None,
-            experiment=experiment,
-            progress=False,
-        )  # fmt: skip
-    )
+    from components.evaluation import mlflow_metric_name
+    from components.steps.evaluate import run_evaluate
+    from pipelines.launchers import evaluate_config, pictures_page
+
+    paths = {"model": model.path, "output": evaluation.path, "dataset": dataset.path, "validation": validation.path,
+             "features": features.path}  # fmt: skip
+    result = run_evaluate(evaluate_config(json.loads(settings), paths, zero_shot, experiment))
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(mlflow_metric_name(name), float(value))  # recall@1 -> recall_at_1

@@ -78,6 +78,10 @@ def step_settings(step: str) -> dict[str, Any]:
     return merge_all(PARAMS.get(name, {}) for name in cls.SECTIONS)
 
 
+#: The pipeline parameters that are a step's settings (one JSON document each).
+SETTINGS = ("pretrain", "finetune", "evaluate")
+
+
 def settings_json(settings: dict[str, Any]) -> str:
     """A training step's settings as the pipeline passes them: one JSON document (keys sorted, so the compiled
     YAML is stable), parsed and checked by the step config inside the op."""
@@ -116,12 +120,8 @@ class PipelineParams:
     finetune: dict[str, Any] = field(default_factory=lambda: step_settings("finetune"))
     """finetune: FinetuneConfig settings (params.yaml's model + finetune sections); the task and init are the
     pipeline's."""
-    eval_split: str = PARAMS["evaluate"]["split"]
-    """evaluate: split."""
-    eval_batch_size: int = PARAMS["evaluate"]["batch_size"]
-    """evaluate: pairs per batch."""
-    eval_max_examples: int = PARAMS["evaluate"]["max_examples"]
-    """evaluate: questions / expressions / query captions at most (0: all; retrieval ranks the whole gallery)."""
+    evaluate: dict[str, Any] = field(default_factory=lambda: dict(PARAMS.get("evaluate", {})))
+    """evaluate: EvaluateConfig settings (params.yaml's evaluate section: split, batch size, examples)."""
     experiment: str = PARAMS["tracking"]["experiment"]
     """MLflow experiment of every step."""
 
@@ -140,13 +140,11 @@ class PipelineParams:
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             errors.append(f"tasks must be distinct names from {list(TASK_NAMES)}, got {self.tasks}")
-        if self.eval_split not in ("val", "test"):
-            errors.append(f"eval_split must be val or test, got {self.eval_split!r}")
-        for name in ("demo_epochs", "demo_train_images", "pytorchjob_nodes", "eval_batch_size"):
+        for name in ("demo_epochs", "demo_train_images", "pytorchjob_nodes"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pytorchjob_gpus_per_node < 0 or self.eval_max_examples < 0:
-            errors.append("pytorchjob_gpus_per_node and eval_max_examples must be >= 0")
+        if self.pytorchjob_gpus_per_node < 0:
+            errors.append("pytorchjob_gpus_per_node must be >= 0")
         try:
             self.pretrain_config("/placeholder/pretrain")
         except ConfigError as err:
@@ -157,8 +155,19 @@ class PipelineParams:
             except ConfigError as err:
                 errors.append(f"finetune ({task}): {err}")
                 break
+        try:
+            self.evaluate_config()
+        except ConfigError as err:
+            errors.append(f"evaluate: {err}")
         if errors:
             raise PipelineParamError("invalid pipeline parameters: " + "; ".join(errors))
+
+    def evaluate_config(self) -> Any:
+        from pipelines.launchers import evaluate_config
+
+        paths = {"model": "/placeholder/model", "output": "/placeholder/evaluation", "dataset": "/placeholder/dataset",
+                 "validation": "/placeholder/validation", "features": "/placeholder/features"}  # fmt: skip
+        return evaluate_config(self.evaluate, paths, False, self.experiment)
 
     def pretrain_config(self, output: str) -> Any:
         from pipelines.launchers import pretrain_config
@@ -184,7 +193,7 @@ class PipelineParams:
         for name, value in values.items():  # KFP checks types exactly: 2 is not a float parameter, 2.0 is
             if types[name] in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
                 values[name] = float(value)
-        for name in ("pretrain", "finetune"):  # a params file may give them as JSON text, as KFP does
+        for name in SETTINGS:  # a params file may give them as JSON text, as KFP does
             if isinstance(values.get(name), str):
                 values[name] = json.loads(values[name])
         params = cls(**values)
@@ -195,7 +204,8 @@ class PipelineParams:
         """The pipeline call's arguments (with data_version filled in)."""
         values = asdict(self)
         values["data_version"] = self.data_version or data_version(self.source)
-        values["pretrain"], values["finetune"] = settings_json(self.pretrain), settings_json(self.finetune)
+        for name in SETTINGS:
+            values[name] = settings_json(getattr(self, name))
         return values
 
 
@@ -255,9 +265,7 @@ def full_pipeline(
     pytorchjob_gpus_per_node: int = PipelineParams.pytorchjob_gpus_per_node,
     tasks: list = list(PARAMS["matrix"]["tasks"]),  # noqa: B006, B008 - KFP reads the default from the signature
     finetune: str = settings_json(step_settings("finetune")),
-    eval_split: str = PipelineParams.eval_split,
-    eval_batch_size: int = PipelineParams.eval_batch_size,
-    eval_max_examples: int = PipelineParams.eval_max_examples,
+    evaluate: str = settings_json(dict(PARAMS.get("evaluate", {}))),
     experiment: str = PipelineParams.experiment,
 ) -> None:
     ingest = _platform(ingest_op(source=source, data_version=data_version))
@@ -279,8 +287,7 @@ def full_pipeline(
     kubernetes.mount_pvc(pretrain_task, pvc_name="vilbert-checkpoints", mount_path="/data/checkpoints")
     pretrained = pretrain_task.outputs["model"]
     common = dict(dataset=dataset, validation=validation, features=store, settings=finetune, experiment=experiment)
-    evaluation = dict(dataset=dataset, validation=validation, features=store, split=eval_split,
-                      batch_size=eval_batch_size, max_examples=eval_max_examples, experiment=experiment)  # fmt: skip
+    evaluation = dict(dataset=dataset, validation=validation, features=store, settings=evaluate, experiment=experiment)
     with dsl.ParallelFor(tasks, name="tasks-pretrained") as task:
         tuned = _platform(
             finetune_op(task=task, init="pretrained", pretrained=pretrained, **common), gpu=True, shm=True
@@ -322,6 +329,7 @@ def parse_params(pairs: list[str] | None, params_file: str | None = None) -> "Pi
     step's settings, read as that field's type (``pretrain.trainer.lr=3e-4``); other values are parsed as JSON,
     else kept as text."""
     from components.config import ConfigError, assignments, deep_merge
+    from components.steps.evaluate import EvaluateConfig
     from components.steps.finetune import FinetuneConfig
     from components.steps.pretrain import PretrainConfig
 
@@ -330,7 +338,7 @@ def parse_params(pairs: list[str] | None, params_file: str | None = None) -> "Pi
         import yaml
 
         values.update(yaml.safe_load(Path(params_file).read_text()) or {})
-    steps = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+    steps = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
     for pair in pairs or []:
         name, sep, raw = pair.partition("=")
         name = name.strip()

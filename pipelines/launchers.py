@@ -45,6 +45,15 @@ def finetune_config(settings: dict[str, Any], paths: dict[str, str], task: str, 
     return load(FinetuneConfig, settings, {**layer, "task": task, "init": init, "blind": blind})
 
 
+def evaluate_config(settings: dict[str, Any], paths: dict[str, str], zero_shot: bool, experiment: str) -> Any:
+    """The step's EvaluateConfig: ``settings`` (EvaluateConfig fields) under the pipeline's paths."""
+    from components.config import load
+    from components.steps.evaluate import EvaluateConfig
+
+    return load(EvaluateConfig, settings, {**paths, "zero_shot": zero_shot, "experiment": experiment,
+                                           "progress": False})  # fmt: skip
+
+
 def pretrain_in_step(settings: dict[str, Any], paths: dict[str, str], output: str, experiment: str) -> dict[str, Any]:
     """Pretrain in this step's container (``settings["nproc"]`` processes under torchrun's elastic agent)."""
     from components.steps.pretrain import run_pretrain

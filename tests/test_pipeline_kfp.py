@@ -30,8 +30,8 @@ TINY = [
     "finetune.trainer.batch_size=4",
     "finetune.answer_min_count=1",
     'tasks=["vqa"]',
-    "eval_batch_size=16",
-    "eval_max_examples=20",
+    "evaluate.batch_size=16",
+    "evaluate.max_examples=20",
 ]
 
 
@@ -78,7 +78,9 @@ def test_kfp_cli_compiles_the_same_yaml(tmp_path: Path) -> None:
         (["finetune.trainer.lr=-1"], r"finetune \(vqa\): .*lr must be positive"),
         (["finetune.trainer.lrr=1"], "finetune: unknown key trainer.lrr"),
         (["pretrain.trainer.lr=fast"], "not a valid float"),
-        (["eval_batch_size"], "name=value"),
+        (["evaluate.batch_size=many"], "evaluate: .*not a valid int"),
+        (["finetune.by_task.vqaa.trainer.lr=1"], "by_task names unknown task vqaa"),
+        (["evaluate"], "name=value"),
     ],
 )
 def test_invalid_parameters_are_refused_before_any_step(pairs: list[str], message: str) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from components.data.errors import DataError, EmptySplitError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -26,14 +28,6 @@ if TYPE_CHECKING:
 
 IGNORE = -1  # label value of positions / items that are not supervised (the model's convention)
 SHOW_IDS = 5  # how many offending ids an error message lists
-
-
-class DataError(ValueError):
-    """Input data that cannot feed the model; the message says what is wrong and where."""
-
-
-class EmptySplitError(DataError):
-    """A split has no usable rows (none in the files, or none left after dropping rejected ones)."""
 
 
 class MissingFeaturesError(DataError):

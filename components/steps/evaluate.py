@@ -27,10 +27,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from components import storage
-from components.data.common import DataError, EmptySplitError
+from components.data.errors import DataError, EmptySplitError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -41,7 +41,11 @@ _SPLIT = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """What to evaluate, on which data, and where the results go."""
+    """What to evaluate, on which data, and where the results go.  Built by :func:`components.config.load` in
+    every engine (``vilbert evaluate --config params.yaml`` reads the ``evaluate`` section, as dvc.yaml does)."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("evaluate",)
+    """The sections of params.yaml that ``--config params.yaml`` reads."""
 
     model: str
     """Model folder: a ``finetune`` output (``step.json`` + ``final/``), or with ``zero_shot`` a ``pretrain`` one."""

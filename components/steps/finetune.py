@@ -60,6 +60,14 @@ class FinetuneConfig:
     """Fine-tuning's own trainer defaults (over TrainerConfig's)."""
     DEFAULT_EPOCHS: ClassVar[float] = 3.0
     """Passes over the task's training split when neither ``trainer.epochs`` nor ``trainer.max_steps`` is set."""
+    VARIANTS: ClassVar[tuple[str, str]] = ("by_task", "task")
+    """A settings layer may give one task its own settings under ``by_task.<task>`` (e.g. VQA's step budget)."""
+
+    @classmethod
+    def variant_values(cls) -> tuple[str, ...]:
+        from components.data.tasks import TASK_NAMES
+
+        return TASK_NAMES
 
     task: str
     """vqa, vcr, refcoco+ or retrieval."""

@@ -73,6 +73,22 @@ def test_bad_settings_are_named_by_their_dotted_key(layer, message) -> None:
         cfg.load(PretrainConfig, PATHS, layer)
 
 
+def test_one_task_gets_its_own_settings_and_later_layers_still_win() -> None:
+    file = {"trainer": {"max_steps": 300, "lr": 1e-4}, "by_task": {"vqa": {"trainer": {"max_steps": 600}}}}
+    base = {**PATHS, "trainer": {"output_dir": "o"}}
+    vqa = cfg.load(FinetuneConfig, base, file, {"task": "vqa"})
+    vcr = cfg.load(FinetuneConfig, base, file, {"task": "vcr"})
+    assert (vqa.trainer.max_steps, vqa.trainer.lr, vcr.trainer.max_steps) == (600, 1e-4, 300)
+    flag = cfg.load(FinetuneConfig, base, file, {"task": "vqa", "trainer": {"max_steps": 50}})
+    assert flag.trainer.max_steps == 50  # an option given on the command line beats the file's by_task
+    assert cfg.assignments(FinetuneConfig, ["by_task.vqa.trainer.max_steps=9"]) == {
+        "by_task": {"vqa": {"trainer": {"max_steps": 9}}}}  # fmt: skip
+    with pytest.raises(cfg.ConfigError, match="by_task names unknown task vqaa"):
+        cfg.load(FinetuneConfig, base, {"by_task": {"vqaa": {}}}, {"task": "vqa"})
+    with pytest.raises(cfg.ConfigError, match="unknown key trainer.nope"):
+        cfg.load(FinetuneConfig, base, {"by_task": {"vqa": {"trainer": {"nope": 1}}}}, {"task": "vqa"})
+
+
 def test_assignments_are_read_as_their_fields_type() -> None:
     got = cfg.assignments(PretrainConfig, ["trainer.lr=3e-4", "trainer.max_steps=null", "trainer.bf16=false",
                                            "data.masked_pairs=all", "trainer.adam_betas=[0.9, 0.98]"])  # fmt: skip
@@ -191,7 +207,24 @@ def test_cli_dvc_and_kubeflow_build_the_same_training_configs(tmp_path: Path) ->
         if init != "pretrained":  # the pipeline hands every op its pretrained artifact; scratch ignores it
             kfp_tuned = dataclasses.replace(kfp_tuned, pretrained=None)
         assert dvc_tuned == kfp_tuned, stage
-        assert dvc_tuned.trainer.max_steps == 300 and dvc_tuned.head_lr_mult == 30.0
+        assert dvc_tuned.trainer.max_steps == 600 and dvc_tuned.head_lr_mult == 30.0  # VQA: params' by_task
+        vcr = parse("finetune", _dvc_args(stage, {"task": "vcr", "seed": "0"}))
+        kfp_vcr = finetune_config(json.loads(kfp["finetune"]), paths, "vcr", init, blind, out.replace("vqa", "vcr"),
+                                  experiment)  # fmt: skip
+        if init != "pretrained":
+            kfp_vcr = dataclasses.replace(kfp_vcr, pretrained=None)
+        assert vcr == kfp_vcr and vcr.trainer.max_steps == 300, stage
+
+    from pipelines.launchers import evaluate_config
+
+    for stage, zero_shot, model in (("evaluate", False, "runs/finetune/vqa-scratch-s0"),
+                                    ("evaluate-zero-shot", True, "runs/pretrain")):  # fmt: skip
+        dvc_eval = parse("evaluate", _dvc_args(stage, {"task": "vqa", "init": "scratch", "seed": "0"}))
+        out = "runs/evaluate/" + ("retrieval-zero-shot" if zero_shot else "vqa-scratch-s0")
+        paths = {**PATHS, "model": model, "output": out}
+        kfp_eval = evaluate_config(json.loads(kfp["evaluate"]), paths, zero_shot, experiment)
+        # dvc's evaluate reads the data folders from the model's step.json; the pipeline passes its artifacts
+        assert dataclasses.replace(kfp_eval, dataset=None, validation=None, features=None) == dvc_eval, stage
 
     # the PyTorchJob: its config file, read back by `vilbert pretrain --config`, is the step's config
     uris = {"dataset": "s3://b/world", "validation": "s3://b/validation", "features": "minio://b/features"}
