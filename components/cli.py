@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from components.data import DEFAULT_MAX_REGIONS
+
 app = typer.Typer(
     help="ViLBERT: pretrain, fine-tune and run the model lifecycle.",
     no_args_is_help=True,
@@ -118,7 +120,9 @@ def bench(
     preset: Annotated[str, typer.Option(help="Model preset: paper-base, demo or tiny.")] = "demo",
     batch_size: Annotated[int, typer.Option(help="Examples per training step.")] = 8,
     text_len: Annotated[int, typer.Option(help="Tokens per caption (padded).")] = 36,
-    regions: Annotated[int, typer.Option(help="Regions per image, the whole-image token included.")] = 37,
+    regions: Annotated[
+        int, typer.Option(help="Regions per image, the whole-image token included.")
+    ] = DEFAULT_MAX_REGIONS,
     steps: Annotated[int, typer.Option(help="Timed training steps.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
     repeats: Annotated[int, typer.Option(help="Alternate runs per implementation; the best is kept.")] = 1,
