@@ -347,8 +347,7 @@ def leaves(cls: type, prefix: str = "") -> list[Leaf]:
         if _is_dataclass_type(inner):
             out.extend(leaves(inner, f"{prefix}{f.name}."))
         elif inner in (bool, int, float, str, Path):
-            default = f.default if f.default is not _MISSING else _MISSING
-            out.append(Leaf(prefix + f.name, tp, default, field_docs(cls).get(f.name, "")))
+            out.append(Leaf(prefix + f.name, tp, f.default, field_docs(cls).get(f.name, "")))
     return out
 
 
@@ -380,8 +379,7 @@ def load(cls: type[T], *layers: Mapping[str, Any]) -> T:
             table = layer.pop(key, None) or {}
             if not isinstance(table, Mapping):
                 raise ConfigError(f"{key} must map each {by} to its settings, got {table!r}")
-            unknown = sorted(set(table) - set(known)) if known is not None else []
-            if unknown and known is not None:
+            if known is not None and (unknown := sorted(set(table) - set(known))):
                 raise ConfigError(f"{key} names unknown {by} {', '.join(map(str, unknown))} (known: "
                                   f"{', '.join(map(str, known))})")  # fmt: skip
             chosen = table.get(value, {})

@@ -9,8 +9,8 @@ Run it here with ``kfp.local``, compile it to IR YAML, or submit it to a KFP end
     python pipelines/full.py compile -o pipelines/full.yaml
     python pipelines/full.py submit --host https://kfp.example.com
 
-The parameters' defaults come from params.yaml, as dvc.yaml's do; ``pretrain`` and ``finetune`` are the step
-configs' settings (see ``PipelineParams``).  They are checked before anything runs.  The same steps are the stages of dvc.yaml.
+The parameters' defaults come from params.yaml, as dvc.yaml's do; ``pretrain``, ``finetune`` and ``evaluate``
+are the step configs' settings (see ``PipelineParams``).  They are checked before anything runs.  The same steps are the stages of dvc.yaml.
 """
 
 import json
@@ -67,19 +67,21 @@ def _params_file() -> dict[str, Any]:
 PARAMS = _params_file()
 
 
-def step_settings(step: str) -> dict[str, Any]:
-    """A training step's settings in params.yaml: its sections (``model`` then ``pretrain`` / ``finetune``) merged,
-    as ``vilbert pretrain --config params.yaml`` reads them."""
-    from components.config import merge_all
+def step_classes() -> dict[str, Any]:
+    """The steps whose settings the pipeline passes as one JSON document each, by parameter name."""
+    from components.steps.evaluate import EvaluateConfig
     from components.steps.finetune import FinetuneConfig
     from components.steps.pretrain import PretrainConfig
 
-    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[step]
-    return merge_all(PARAMS.get(name, {}) for name in cls.SECTIONS)
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
 
 
-#: The pipeline parameters that are a step's settings (one JSON document each).
-SETTINGS = ("pretrain", "finetune", "evaluate")
+def step_settings(step: str) -> dict[str, Any]:
+    """A step's settings in params.yaml: its sections (e.g. ``model`` then ``pretrain``) merged, as
+    ``vilbert <step> --config params.yaml`` reads them (a section params.yaml lacks adds nothing)."""
+    from components.config import merge_all
+
+    return merge_all(PARAMS.get(name, {}) for name in step_classes()[step].SECTIONS)
 
 
 def settings_json(settings: dict[str, Any]) -> str:
@@ -88,12 +90,17 @@ def settings_json(settings: dict[str, Any]) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+#: Stand-ins for the artifacts' paths when ``PipelineParams.check`` builds the step configs before anything runs.
+PLACEHOLDERS = {"dataset": "/placeholder/dataset", "validation": "/placeholder/validation",
+                "features": "/placeholder/features"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PipelineParams:
     """The pipeline's parameters (names and defaults as in the compiled pipeline), checked as a whole.
 
-    ``pretrain`` and ``finetune`` are the step configs' settings (nested mappings of PretrainConfig /
-    FinetuneConfig fields, e.g. ``{"trainer": {"lr": 2e-4}}``); each op builds its config from them with the same
+    ``pretrain``, ``finetune`` and ``evaluate`` are the step configs' settings (nested mappings of
+    PretrainConfig / FinetuneConfig / EvaluateConfig fields, e.g. ``{"trainer": {"lr": 2e-4}}``); each op builds its config from them with the same
     loader as the command line, and ``check`` builds them here first.  Set one field with a dotted name:
     ``-p pretrain.trainer.max_steps=2``."""
 
@@ -120,7 +127,7 @@ class PipelineParams:
     finetune: dict[str, Any] = field(default_factory=lambda: step_settings("finetune"))
     """finetune: FinetuneConfig settings (params.yaml's model + finetune sections); the task and init are the
     pipeline's."""
-    evaluate: dict[str, Any] = field(default_factory=lambda: dict(PARAMS.get("evaluate", {})))
+    evaluate: dict[str, Any] = field(default_factory=lambda: step_settings("evaluate"))
     """evaluate: EvaluateConfig settings (params.yaml's evaluate section: split, batch size, examples)."""
     experiment: str = PARAMS["tracking"]["experiment"]
     """MLflow experiment of every step."""
@@ -165,22 +172,18 @@ class PipelineParams:
     def evaluate_config(self) -> Any:
         from pipelines.launchers import evaluate_config
 
-        paths = {"model": "/placeholder/model", "output": "/placeholder/evaluation", "dataset": "/placeholder/dataset",
-                 "validation": "/placeholder/validation", "features": "/placeholder/features"}  # fmt: skip
+        paths = {**PLACEHOLDERS, "model": "/placeholder/model", "output": "/placeholder/evaluation"}
         return evaluate_config(self.evaluate, paths, False, self.experiment)
 
     def pretrain_config(self, output: str) -> Any:
         from pipelines.launchers import pretrain_config
 
-        paths = {"dataset": "/placeholder/dataset", "validation": "/placeholder/validation",
-                 "features": "/placeholder/features"}  # fmt: skip
-        return pretrain_config(self.pretrain, paths, output, self.experiment)
+        return pretrain_config(self.pretrain, PLACEHOLDERS, output, self.experiment)
 
     def finetune_config(self, task: str, init: str, output: str) -> Any:
         from pipelines.launchers import finetune_config
 
-        paths = {"dataset": "/placeholder/dataset", "validation": "/placeholder/validation",
-                 "features": "/placeholder/features", "pretrained": "/placeholder/pretrain"}  # fmt: skip
+        paths = {**PLACEHOLDERS, "pretrained": "/placeholder/pretrain"}
         return finetune_config(self.finetune, paths, task, init, False, output, self.experiment)
 
     @classmethod
@@ -193,7 +196,7 @@ class PipelineParams:
         for name, value in values.items():  # KFP checks types exactly: 2 is not a float parameter, 2.0 is
             if types[name] in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
                 values[name] = float(value)
-        for name in SETTINGS:  # a params file may give them as JSON text, as KFP does
+        for name in step_classes():  # a params file may give them as JSON text, as KFP does
             if isinstance(values.get(name), str):
                 values[name] = json.loads(values[name])
         params = cls(**values)
@@ -204,7 +207,7 @@ class PipelineParams:
         """The pipeline call's arguments (with data_version filled in)."""
         values = asdict(self)
         values["data_version"] = self.data_version or data_version(self.source)
-        for name in SETTINGS:
+        for name in step_classes():
             values[name] = settings_json(getattr(self, name))
         return values
 
@@ -265,7 +268,7 @@ def full_pipeline(
     pytorchjob_gpus_per_node: int = PipelineParams.pytorchjob_gpus_per_node,
     tasks: list = list(PARAMS["matrix"]["tasks"]),  # noqa: B006, B008 - KFP reads the default from the signature
     finetune: str = settings_json(step_settings("finetune")),
-    evaluate: str = settings_json(dict(PARAMS.get("evaluate", {}))),
+    evaluate: str = settings_json(step_settings("evaluate")),
     experiment: str = PipelineParams.experiment,
 ) -> None:
     ingest = _platform(ingest_op(source=source, data_version=data_version))
@@ -329,16 +332,13 @@ def parse_params(pairs: list[str] | None, params_file: str | None = None) -> "Pi
     step's settings, read as that field's type (``pretrain.trainer.lr=3e-4``); other values are parsed as JSON,
     else kept as text."""
     from components.config import ConfigError, assignments, deep_merge
-    from components.steps.evaluate import EvaluateConfig
-    from components.steps.finetune import FinetuneConfig
-    from components.steps.pretrain import PretrainConfig
 
     values: dict[str, Any] = {}
     if params_file:
         import yaml
 
         values.update(yaml.safe_load(Path(params_file).read_text()) or {})
-    steps = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+    steps = step_classes()
     for pair in pairs or []:
         name, sep, raw = pair.partition("=")
         name = name.strip()

@@ -25,12 +25,8 @@ SECTION_HELP = "Sections of --config to read, in order (repeat; default: this st
 SET_HELP = "Set any field by its dotted name, e.g. --set trainer.lr=3e-4 (repeat; 'null' for None)."
 
 
-def _flag(key: str) -> str:
-    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-
-
 def options_of(
-    cls: type, renames: Mapping[str, str], fan_out: Mapping[str, tuple[str, ...]], skip: tuple[str, ...] = ()
+    cls: type, renames: Mapping[str, str], fan_out: Mapping[str, tuple[str, ...]]
 ) -> dict[str, tuple[str, ...]]:
     """``{option name: dotted keys it sets}``: each scalar field by its own name (``trainer.lr`` -> ``lr``) unless
     ``renames`` names it (``trainer.output_dir`` -> ``output``); ``fan_out`` names one option for several fields
@@ -38,7 +34,7 @@ def options_of(
     out: dict[str, tuple[str, ...]] = {name: tuple(keys) for name, keys in fan_out.items()}
     taken = {k for keys in fan_out.values() for k in keys}
     for leaf in cfg.leaves(cls):
-        if leaf.key in taken or leaf.key in skip:
+        if leaf.key in taken:
             continue
         name = renames.get(leaf.key, leaf.key.rsplit(".", 1)[-1])
         if name in out:
@@ -67,13 +63,12 @@ def config_command(
     doc: str,
     renames: Mapping[str, str] | None = None,
     fan_out: Mapping[str, tuple[str, ...]] | None = None,
-    skip: tuple[str, ...] = (),
     first: tuple[str, ...] = (),
 ) -> Callable[..., None]:
     """A Typer command for the step config ``cls``: parses its options into :func:`components.config.load`'s
     layers and calls ``run(config)``.  ``first`` lists options to show first in ``--help``."""
     renames, fan_out = dict(renames or {}), dict(fan_out or {})
-    options = options_of(cls, renames, fan_out, skip)
+    options = options_of(cls, renames, fan_out)
     by_key = {leaf.key: leaf for leaf in cfg.leaves(cls)}
     defaults = cfg.defaults_of(cls)
     order = [*first, *(n for n in options if n not in first)]

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,23 +141,6 @@ def checkpoint_folder(init: str | Path) -> Path:
         f"{init} holds no checkpoint: expected a pretrain / finetune output folder (with final/) or a native "
         "checkpoint folder (with config.json)"
     )
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A (nested) frozen dataclass config as plain JSON values."""
-    out: dict[str, Any] = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if hasattr(value, "to_dict"):
-            value = value.to_dict()
-        elif hasattr(value, "__dataclass_fields__"):
-            value = config_to_dict(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
 
 
 TRACKING_KEY_FILE = ".tracking_key"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from components import storage
+from components.config import to_mapping
 from components.data import DEFAULT_MAX_REGIONS
 from components.steps.common import (
     MINILM,
@@ -24,7 +25,6 @@ from components.steps.common import (
     StepError,
     TrackingOptions,
     checkpoint_folder,
-    config_to_dict,
     feature_spec_hash,
     model_config,
     read_step,
@@ -167,7 +167,7 @@ class FinetuneConfig:
         return SCRATCH if self.init == SCRATCH else PRETRAINED
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        return to_mapping(self)
 
 
 @dataclass

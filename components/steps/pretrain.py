@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from components import storage
+from components.config import to_mapping
 from components.data import DEFAULT_MAX_REGIONS
 from components.data.pretraining_config import CAPTIONS_VALID, PretrainingDataConfig
 from components.steps.common import (
@@ -22,7 +23,6 @@ from components.steps.common import (
     STEP_FILE,
     StepError,
     TrackingOptions,
-    config_to_dict,
     feature_spec_hash,
     model_config,
     resolve_text_init,
@@ -103,7 +103,7 @@ class PretrainConfig:
         return Path(self.trainer.output_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        return to_mapping(self)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from components import config as cfg
 from components.cli import app
 from components.commands.config_options import TRAINER_RENAMES, config_command, from_options
+from components.commands.finetune import finetune_command as FINETUNE
+from components.commands.pretrain import pretrain_command as PRETRAIN
 from components.steps.finetune import FinetuneConfig
 from components.steps.pretrain import PretrainConfig
 from components.training.config import TrainerConfig
@@ -29,13 +31,8 @@ def parse(step: str, args: list[str]):
     group = typer.main.get_command(app)
     command = group.commands[step]  # type: ignore[attr-defined]
     ctx = command.make_context(step, list(args))
-    function = command.callback.__wrapped__ if hasattr(command.callback, "__wrapped__") else None
-    generated = function or next(f for f in (PRETRAIN, FINETUNE) if f.config_class.__name__.lower().startswith(step))
+    generated = command.callback.__wrapped__  # Typer wraps the generated function (functools.wraps)
     return from_options(generated.config_class, generated.options, ctx.params)
-
-
-from components.commands.finetune import finetune_command as FINETUNE  # noqa: E402
-from components.commands.pretrain import pretrain_command as PRETRAIN  # noqa: E402
 
 
 def test_a_step_config_round_trips_through_plain_values() -> None:
