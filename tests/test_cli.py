@@ -42,3 +42,14 @@ def test_every_cli_option_has_help():
             walk(sub, f"{path} {name}")
 
     walk(typer.main.get_command(app), "vilbert")
+
+
+def test_training_and_evaluation_steps_do_not_import_torchvision():
+    """torchvision.ops pulls in torch._dynamo: 1.7 s of start-up in every fine-tune and evaluation process of the
+    pipeline.  Only feature extraction and RefCOCO+'s IoU need it, and import it where they use it."""
+    code = (
+        "import sys, components.steps.pretrain, components.steps.finetune, components.steps.evaluate, "
+        "components.data.tasks; print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

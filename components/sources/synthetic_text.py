@@ -116,9 +116,13 @@ def relation_holds(scene: Scene, a: int, b: int, relation: str, strict: bool) ->
 
 def all_descs(obj: SceneObject) -> list[Desc]:
     """Every non-empty phrase that fits ``obj``, fewest attributes first (shape-naming ones first on ties)."""
-    return [
-        Desc(obj.shape if s else None, obj.colour if c else None, obj.size if z else None) for s, c, z in _DESC_ORDER
-    ]
+    return descs_of(obj.shape, obj.colour, obj.size)
+
+
+def descs_of(shape: str, colour: str, size: str) -> list[Desc]:
+    """Every non-empty phrase that fits an object of this shape, colour and size, in :func:`all_descs`' order (the
+    same position is the same form: which attributes the phrase states)."""
+    return [Desc(shape if s else None, colour if c else None, size if z else None) for s, c, z in _DESC_ORDER]
 
 
 # Which attributes a phrase states (shape, colour, size), fewest first; the same order for every object.

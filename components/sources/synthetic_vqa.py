@@ -20,6 +20,7 @@ from components.sources.synthetic_text import (
     Desc,
     SceneFacts,
     all_descs,
+    descs_of,
     matching,
     with_article,
 )
@@ -62,11 +63,30 @@ def _weighted(rng: np.random.Generator, options: tuple[str, ...], weights: tuple
 
 
 def _random_desc(rng: np.random.Generator) -> Desc:
-    """A phrase that may fit nothing in the scene (for "0" counts and "no" existence answers)."""
+    """A phrase that may fit nothing in the scene (for "0" counts)."""
     shape = _pick(rng, SHAPES) if rng.random() < 0.8 else None
     colour = _pick(rng, list(COLOURS)) if shape is None or rng.random() < 0.7 else None
     size = _pick(rng, SIZES) if rng.random() < 0.3 else None
     return Desc(shape, colour, size)
+
+
+def _existence_desc(rng: np.random.Generator, scene: Scene, present: bool) -> Desc | None:
+    """A phrase for "is there ...?" whose answer is decided first (yes or no, half each), in the same form either
+    way: which attributes it states is drawn alike, and only forms this scene can answer both ways are asked (None
+    otherwise: "Is there a small one?" where both sizes are present).  So the words give the answer away no more
+    than chance: with the yes-phrases of scene objects and the no-phrases random, "Is there a small red star?" was
+    mostly "no" and "Is there a circle?" mostly "yes", and the text alone answered 68 % of them."""
+    form = int(rng.integers(len(all_descs(scene.objects[0]))))  # the same 7 forms for every object
+    absent = sorted(
+        {descs_of(shape, colour, size)[form] for shape in SHAPES for colour in COLOURS for size in SIZES}
+        - {all_descs(obj)[form] for obj in scene.objects},
+        key=lambda d: d.words(),
+    )
+    if not absent:
+        return None
+    if present:
+        return all_descs(scene.objects[int(rng.integers(len(scene.objects)))])[form]
+    return _pick(rng, absent)
 
 
 def _question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tuple[str, str, str, str] | None:
@@ -102,10 +122,9 @@ def _question(rng: np.random.Generator, facts: SceneFacts, kind: str) -> tuple[s
         ending = _pick(rng, ("are there", "can you see", "are in the picture"))
         return f"How many {words} {ending}?", "how many", "number", str(len(matching(scene, desc)))
     if kind == "exist":
-        if rng.random() < 0.5:
-            desc = _pick(rng, all_descs(scene.objects[int(rng.integers(n))]))
-        else:
-            desc = _random_desc(rng)
+        desc = _existence_desc(rng, scene, present=rng.random() < 0.5)
+        if desc is None:
+            return None
         answer = "yes" if matching(scene, desc) else "no"
         if rng.random() < 0.5:
             return f"Is there {with_article(desc.words())}?", "is there a", "yes/no", answer

@@ -38,6 +38,25 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float,
     return out
 
 
+def freeze_parameters(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Stop training the parameters whose names start with one of ``prefixes``; returns their names.  A prefix
+    that matches nothing is an error (a misspelt name would otherwise train everything silently)."""
+    if not prefixes:
+        return []
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    if unmatched:
+        raise ValueError(f"freeze: no parameter name starts with {', '.join(map(repr, unmatched))}")
+    frozen = []
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in prefixes):
+            param.requires_grad_(False)
+            frozen.append(name)
+    log.info("frozen: %d tensors (%d values) under %s", len(frozen),
+             sum(p.numel() for n, p in model.named_parameters() if n in set(frozen)), ", ".join(prefixes))  # fmt: skip
+    return frozen
+
+
 def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
     """The fused kernel needs floating-point parameters on a device type that has it (CUDA, and CPU in
     recent PyTorch); the probe builds a throw-away optimizer on a scalar of that device."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import checkpointing as ckpt
 from . import distributed as du
 from .config import TrainerConfig, TrainResult
-from .optim import build_adamw, resolve_warmup, warmup_linear_decay
+from .optim import build_adamw, freeze_parameters, resolve_warmup, warmup_linear_decay
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,7 @@ class Trainer:
             raise ValueError(f"{self.sampler.samples_per_epoch()} samples per rank give no batch of {c.batch_size}")
         total = self._total_steps(micro_per_epoch)
         model = self.model.to(device)
+        freeze_parameters(model, c.freeze)
         optimizer = build_adamw(model, c.lr, c.weight_decay, c.adam_betas, c.adam_eps, c.fused_adamw, c.lr_multipliers)
         scheduler = warmup_linear_decay(optimizer, resolve_warmup(total, c.warmup_steps, c.warmup_fraction), total)
         run = _Progress()
@@ -309,7 +310,9 @@ class Trainer:
                 self._log({f"train/{k}": v for k, v in row.items()}, run.step, info)
             if self.eval_fn is not None and (run.step == total or (c.eval_every and run.step % c.eval_every == 0)):
                 eval_metrics = self._evaluate(model, run.step, device, info)
-            if run.step % c.checkpoint_every == 0 or run.step == total:
+            # The last step's checkpoint is skipped when it would be deleted right after final/ is written.
+            last_is_discarded = run.step == total and not c.keep_checkpoints and c.export_final
+            if (run.step % c.checkpoint_every == 0 or run.step == total) and not last_is_discarded:
                 state = self._training_state(run, optimizer, scheduler, info, device)
                 checkpoint = self._save(model, run.step, state, info)
         bar.close()

@@ -100,7 +100,7 @@ def test_assignments_are_read_as_their_fields_type() -> None:
 def test_every_trainer_field_has_an_option_on_both_training_commands() -> None:
     scalars = {leaf.key for leaf in cfg.leaves(PretrainConfig) if leaf.key.startswith("trainer.")}
     assert {f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig)} - scalars == {
-        "trainer.lr_multipliers", "trainer.adam_betas"}  # tuples: --set only  # fmt: skip
+        "trainer.lr_multipliers", "trainer.adam_betas", "trainer.freeze"}  # tuples: --set only  # fmt: skip
     for command in (PRETRAIN, FINETUNE):
         covered = {key for keys in command.options.values() for key in keys}
         assert scalars <= covered

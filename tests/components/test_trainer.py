@@ -304,6 +304,38 @@ def test_keeps_only_last_k_checkpoints(tmp_path):
     assert ckpt.verify_checkpoint(root / "step-000007")["step"] == 7
 
 
+def test_frozen_parameters_keep_their_values_and_get_no_optimizer_state(tmp_path):
+    model = ViLBertForPretraining(preset("tiny"))
+    word = model.vilbert.text_embeddings.word.weight
+    before, position = word.detach().clone(), model.vilbert.text_embeddings.position.weight.detach().clone()
+    trainer = make_trainer(tmp_path, model=model, max_steps=3, freeze=["vilbert.text_embeddings.word"])
+    assert trainer.config.freeze == ("vilbert.text_embeddings.word",)
+    trainer.train()
+    assert not word.requires_grad and torch.equal(word.detach(), before)  # tied to the LM decoder: frozen both
+    assert not torch.equal(model.vilbert.text_embeddings.position.weight.detach(), position)  # the rest trains
+    state = ckpt.load_training_state(tmp_path / "checkpoints" / "step-000002")["optimizer"]
+    shapes = {tuple(s["exp_avg"].shape) for s in state["state"].values()}
+    assert tuple(word.shape) not in shapes
+    with pytest.raises(ValueError, match="no parameter name starts with 'vilbert.txt'"):
+        make_trainer(tmp_path / "typo", max_steps=1, freeze=["vilbert.txt"]).train()
+    with pytest.raises(TrainerConfigError, match="freeze"):
+        TrainerConfig(output_dir=tmp_path, max_steps=1, freeze=("",))
+
+
+def test_without_kept_checkpoints_the_last_step_is_not_written_only_to_be_deleted(tmp_path, monkeypatch):
+    written = []
+    real = ckpt.write_checkpoint
+    monkeypatch.setattr(
+        ckpt, "write_checkpoint", lambda root, step, *a, **k: written.append(step) or real(root, step, *a, **k)
+    )
+    result = make_trainer(tmp_path, max_steps=5, checkpoint_every=2, keep_checkpoints=False).train()
+    assert written == [2, 4] and result.final_dir == tmp_path / "final"
+    assert not (tmp_path / "checkpoints").exists() and result.checkpoint is None
+    written.clear()
+    make_trainer(tmp_path / "kept", max_steps=5, checkpoint_every=2).train()
+    assert written == [2, 4, 5]
+
+
 def test_refuses_to_resume_on_other_data(tmp_path):
     make_trainer(tmp_path, max_steps=2, data_hash="aaa", feature_spec_hash="spec1").train()
     with pytest.raises(ckpt.ResumeMismatch, match="data_hash=aaa.*data_hash=bbb"):

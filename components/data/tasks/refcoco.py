@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.ops import box_iou
 
 from components.data.common import DataError, DatasetReport, EpochItems, check_tokenizer, encode_text, non_empty
 from components.data.common import require_features as _require_features
@@ -60,6 +59,8 @@ def grounding_targets(
     pixel_boxes: Tensor, target_box: Tensor, threshold: float = 0.5, soft: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``(targets (N,), iou (N,))`` for regions ``pixel_boxes`` (N, 4) (row 0 = whole image, never a target)."""
+    from torchvision.ops import box_iou  # here: importing torchvision.ops costs every process 1.7 s
+
     iou = box_iou(pixel_boxes, target_box[None])[:, 0]
     hit = iou >= threshold
     hit[0] = False
@@ -195,6 +196,8 @@ def grounding_hits(region_logits: Tensor, batch: dict[str, Any], threshold: floa
     mask[:, 0] = False
     chosen = logits.masked_fill(~mask, float("-inf")).argmax(-1)  # (B,)
     boxes = batch["meta"]["pixel_boxes"][torch.arange(len(chosen)), chosen]  # (B, 4)
+    from torchvision.ops import box_iou
+
     iou = box_iou(boxes, batch["meta"]["target_box"]).diagonal()
     return iou >= threshold, boxes
 
